@@ -1,0 +1,205 @@
+"""The classification zoo of the OREPA tables: ResNets (and ResNeXt, wide ResNet-18s) and RepVGGs.
+
+Every conv+BN of a network comes from :func:`backbones.variants.make_conv`, so one ``rep`` switch turns a plain
+network into its ACB / DBB / OREPA / RepVGG / OREPA-VGG training form; ReLUs live in the networks, never in blocks.
+Layouts follow torchvision (stride on the 3x3 of a bottleneck) and the official RepVGG code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .variants import REPVGG_REPS, RESNET_REPS, RepConfig, make_conv, resolve_variant
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, config: RepConfig, in_planes: int, planes: int, stride: int = 1, groups: int = 1,
+                 base_width: int = 64, dilation: int = 1):
+        super().__init__()
+        self.conv1 = make_conv(config, in_planes, planes, 3, stride, dilation=dilation)
+        self.conv2 = make_conv(config, planes, planes, 3, dilation=dilation)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            # OREPA's code forces conv+BN here; DBB/ACB keep 1x1s plain anyway.
+            self.shortcut = make_conv(RepConfig("none"), in_planes, planes, 1, stride)
+
+    def forward(self, x):
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return self.relu(self.conv2(self.relu(self.conv1(x))) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, config: RepConfig, in_planes: int, planes: int, stride: int = 1, groups: int = 1,
+                 base_width: int = 64, dilation: int = 1):
+        super().__init__()
+        width = int(planes * base_width / 64) * groups
+        out = planes * self.expansion
+        self.conv1 = make_conv(config, in_planes, width, 1)
+        self.conv2 = make_conv(config, width, width, 3, stride, groups, dilation=dilation)
+        self.conv3 = make_conv(config, width, out, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = None
+        if stride != 1 or in_planes != out:
+            self.shortcut = make_conv(config, in_planes, out, 1, stride)  # Rep-1x1 under OREPA (official code)
+
+    def forward(self, x):
+        identity = x if self.shortcut is None else self.shortcut(x)
+        y = self.relu(self.conv1(x))
+        y = self.relu(self.conv2(y))
+        return self.relu(self.conv3(y) + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet / ResNeXt / wide ResNet-18 with every conv+BN swappable for a re-param block."""
+
+    def __init__(self, block: type, layers: tuple[int, ...], config: RepConfig, num_classes: int = 1000,
+                 width: float = 1.0, groups: int = 1, base_width: int = 64,
+                 strides: tuple[int, ...] = (1, 2, 2, 2), dilations: tuple[int, ...] = (1, 1, 1, 1)):
+        super().__init__()
+        self.config = config
+        stem_channels = int(64 * width)
+        self.stem = make_conv(config, 3, stem_channels, 7, 2, role="stem")
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        in_planes = stem_channels
+        stages = []
+        for i, (n, stride, dilation) in enumerate(zip(layers, strides, dilations)):
+            planes = int(64 * 2 ** i * width)
+            blocks = []
+            for j in range(n):
+                blocks.append(block(config, in_planes, planes, stride if j == 0 else 1, groups, base_width,
+                                    dilation))
+                in_planes = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.out_channels = [int(64 * 2 ** i * width) * block.expansion for i in range(4)]
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes) if num_classes else None
+
+    def forward_features(self, x):
+        x = self.maxpool(self.relu(self.stem(x)))
+        outs = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x):
+        x = self.forward_features(x)[-1]
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+class RepVGG(nn.Module):
+    """RepVGG (Ding et al., CVPR 2021): a stride-2 stem block, four stages whose first block has stride 2, GAP, FC.
+    ``override_groups`` maps global layer indices (stage-0 block = 0) to conv groups (the g2/g4 models)."""
+
+    def __init__(self, layers: tuple[int, ...], widths: tuple[float, ...], config: RepConfig,
+                 num_classes: int = 1000, override_groups: dict[int, int] | None = None):
+        super().__init__()
+        self.config = config
+        override_groups = override_groups or {}
+        in_planes = min(64, int(64 * widths[0]))
+        self.stem = make_conv(config, 3, in_planes, 3, 2)
+        self.relu = nn.ReLU(inplace=True)
+        index = 1
+        stages = []
+        for i, n in enumerate(layers):
+            planes = int(64 * 2 ** i * widths[i]) if i < 3 else int(512 * widths[3])
+            blocks = []
+            for j in range(n):
+                blocks.append(make_conv(config, in_planes, planes, 3, 2 if j == 0 else 1,
+                                        override_groups.get(index, 1)))
+                blocks.append(nn.ReLU(inplace=True))
+                in_planes = planes
+                index += 1
+            stages.append(nn.Sequential(*blocks))
+        self.stage1, self.stage2, self.stage3, self.stage4 = stages
+        self.out_channels = [int(64 * 2 ** i * widths[i]) for i in range(3)] + [int(512 * widths[3])]
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes) if num_classes else None
+
+    def forward_features(self, x):
+        x = self.relu(self.stem(x))
+        outs = []
+        for stage in (self.stage1, self.stage2, self.stage3, self.stage4):
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x):
+        x = self.forward_features(x)[-1]
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One named architecture: its family, constructor arguments, the reps defined for it and its source."""
+
+    family: str
+    kwargs: dict
+    source: str
+
+
+_G2 = {layer: 2 for layer in range(2, 27, 2)}
+_G4 = {layer: 4 for layer in range(2, 27, 2)}
+ARCHS: dict[str, Arch] = {
+    "resnet18": Arch("resnet", dict(block=BasicBlock, layers=(2, 2, 2, 2)), "He et al. 2016; OREPA Table 4"),
+    "resnet34": Arch("resnet", dict(block=BasicBlock, layers=(3, 4, 6, 3)), "He et al. 2016; OREPA Table 4"),
+    "resnet50": Arch("resnet", dict(block=Bottleneck, layers=(3, 4, 6, 3)), "He et al. 2016; OREPA Table 4"),
+    "resnet101": Arch("resnet", dict(block=Bottleneck, layers=(3, 4, 23, 3)), "He et al. 2016; OREPA Table 4"),
+    "resnext50_32x4d": Arch("resnet", dict(block=Bottleneck, layers=(3, 4, 6, 3), groups=32, base_width=4),
+                            "Xie et al. 2017; OREPA supp. Table 2"),
+    "wrn18_1.5x": Arch("resnet", dict(block=BasicBlock, layers=(2, 2, 2, 2), width=1.5), "OREPA supp. Table 2"),
+    "wrn18_2x": Arch("resnet", dict(block=BasicBlock, layers=(2, 2, 2, 2), width=2.0), "OREPA supp. Table 2"),
+    "repvgg_a0": Arch("repvgg", dict(layers=(2, 4, 14, 1), widths=(0.75, 0.75, 0.75, 2.5)), "RepVGG Table 2"),
+    "repvgg_a1": Arch("repvgg", dict(layers=(2, 4, 14, 1), widths=(1, 1, 1, 2.5)), "RepVGG Table 2"),
+    "repvgg_a2": Arch("repvgg", dict(layers=(2, 4, 14, 1), widths=(1.5, 1.5, 1.5, 2.75)), "RepVGG Table 2"),
+    "repvgg_b0": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(1, 1, 1, 2.5)), "RepVGG Table 2"),
+    "repvgg_b1": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(2, 2, 2, 4)), "RepVGG Table 2"),
+    "repvgg_b1g2": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(2, 2, 2, 4), override_groups=_G2),
+                        "RepVGG Table 2"),
+    "repvgg_b1g4": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(2, 2, 2, 4), override_groups=_G4),
+                        "RepVGG Table 2"),
+    "repvgg_b2": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(2.5, 2.5, 2.5, 5)), "RepVGG Table 2"),
+    "repvgg_b2g4": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(2.5, 2.5, 2.5, 5), override_groups=_G4),
+                        "RepVGG Table 2"),
+    "repvgg_b3": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(3, 3, 3, 5)), "RepVGG Table 2"),
+}
+FAMILY_REPS = {"resnet": RESNET_REPS, "repvgg": REPVGG_REPS}
+
+
+def check_combination(arch: str, rep: str) -> Arch:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {sorted(ARCHS)}")
+    spec = ARCHS[arch]
+    if rep not in FAMILY_REPS[spec.family]:
+        raise ValueError(f"rep {rep!r} is not defined for {arch} (a {spec.family}); "
+                         f"defined: {', '.join(FAMILY_REPS[spec.family])}")
+    return spec
+
+
+def build_classifier(arch: str, rep: str = "none", num_classes: int = 1000, variant: str | dict | None = None,
+                     **backbone_kwargs) -> nn.Module:
+    """A classification network in its training form, e.g. ``build_classifier("resnet18", rep="orepa")``.
+
+    ``variant``: ``None`` (the paper's main method), a preset name, or a dict of overrides; see
+    :mod:`backbones.variants`. ``num_classes=0`` builds the network without its head (a backbone).
+    ``backbone_kwargs`` (ResNets: ``strides``, ``dilations``) are for dense-prediction backbones.
+    """
+    spec = check_combination(arch, rep)
+    config = resolve_variant(rep, variant)
+    if spec.family == "resnet":
+        model = ResNet(config=config, num_classes=num_classes, **spec.kwargs, **backbone_kwargs)
+    else:
+        if backbone_kwargs:
+            raise ValueError(f"{arch} takes no backbone options, got {sorted(backbone_kwargs)}")
+        model = RepVGG(config=config, num_classes=num_classes, **spec.kwargs)
+    model.arch, model.rep = arch, rep
+    return model

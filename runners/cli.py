@@ -1,0 +1,3 @@
+"""run_suite command line."""
+def main():
+    raise SystemExit(0)
