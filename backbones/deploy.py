@@ -92,7 +92,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     ckpt = read_checkpoint(path)
     model_form = form_of(model)
     state = ckpt["state_dict"]
-    ckpt_form = ckpt["form"] or _infer_form(model, state)
+    ckpt_form = ckpt["form"] or _infer_form(state)
     if ckpt_form != model_form:
         raise CheckpointError(f"{path} is a {ckpt_form}-form checkpoint but the model is in {model_form} form"
                               + (" (call backbones.deploy(model) first)" if ckpt_form == "deploy" else ""))
@@ -111,10 +111,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     return {k: ckpt[k] for k in ("form", "arch", "rep", "meta")}
 
 
-def _infer_form(model: nn.Module, state: dict) -> str:
-    if set(state) == set(model.state_dict()):
-        return form_of(model)
-    return "deploy" if form_of(model) == "train" else "train"
+def _infer_form(state: dict) -> str:
+    """Every BN of our networks lives in a re-param block, so only a train-form state dict has BN statistics."""
+    return "train" if any(key.endswith("running_mean") for key in state) else "deploy"
 
 
 def _summary(what: str, keys: list[str]) -> str:

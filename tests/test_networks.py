@@ -1,0 +1,166 @@
+"""Networks: every arch x rep (and every paper variant) deploys exactly, and deployed parameter counts are the exact
+integers of the architecture, equal to the printed values by the source's rounding rule."""
+
+import math
+
+import pytest
+import torch
+
+from backbones import ARCHS, PRESETS, build_classifier, deploy, form_of
+from backbones.networks import FAMILY_REPS
+from conftest import TOLERANCE, randomize, rel_err
+
+ALL = [(arch, rep) for arch, spec in ARCHS.items() for rep in FAMILY_REPS[spec.family]]
+LARGE = {"resnet101", "repvgg_b1", "repvgg_b1g2", "repvgg_b1g4", "repvgg_b2", "repvgg_b2g4", "repvgg_b3"}
+
+
+def conv(cin, cout, k, groups=1):
+    """A deployed conv: kernel + bias."""
+    return k * k * cin // groups * cout + cout
+
+
+def resnet_params(layers, bottleneck, width=1.0, groups=1, base_width=64, classes=1000):
+    stem = int(64 * width)
+    total, cin = conv(3, stem, 7), stem
+    for i, n in enumerate(layers):
+        planes = int(64 * 2 ** i * width)
+        for j in range(n):
+            stride = 2 if i and not j else 1
+            if bottleneck:
+                mid, out = int(planes * base_width / 64) * groups, planes * 4
+                total += conv(cin, mid, 1) + conv(mid, mid, 3, groups) + conv(mid, out, 1)
+            else:
+                out = planes
+                total += conv(cin, out, 3) + conv(out, out, 3)
+            if stride != 1 or cin != out:
+                total += conv(cin, out, 1)
+            cin = out
+    return total + cin * classes + classes
+
+
+def repvgg_params(layers, widths, grouped_layers=(), groups=1, classes=1000):
+    cin = min(64, int(64 * widths[0]))
+    total, index = conv(3, cin, 3), 1
+    for i, n in enumerate(layers):
+        out = int(512 * widths[3]) if i == 3 else int(64 * 2 ** i * widths[i])
+        for _ in range(n):
+            total += conv(cin, out, 3, groups if index in grouped_layers else 1)
+            cin, index = out, index + 1
+    return total + cin * classes + classes
+
+
+EVEN = tuple(range(2, 27, 2))
+EXPECTED = {
+    "resnet18": resnet_params((2, 2, 2, 2), False), "resnet34": resnet_params((3, 4, 6, 3), False),
+    "resnet50": resnet_params((3, 4, 6, 3), True), "resnet101": resnet_params((3, 4, 23, 3), True),
+    "resnext50_32x4d": resnet_params((3, 4, 6, 3), True, groups=32, base_width=4),
+    "wrn18_1.5x": resnet_params((2, 2, 2, 2), False, 1.5), "wrn18_2x": resnet_params((2, 2, 2, 2), False, 2.0),
+    "repvgg_a0": repvgg_params((2, 4, 14, 1), (0.75, 0.75, 0.75, 2.5)),
+    "repvgg_a1": repvgg_params((2, 4, 14, 1), (1, 1, 1, 2.5)),
+    "repvgg_a2": repvgg_params((2, 4, 14, 1), (1.5, 1.5, 1.5, 2.75)),
+    "repvgg_b0": repvgg_params((4, 6, 16, 1), (1, 1, 1, 2.5)),
+    "repvgg_b1": repvgg_params((4, 6, 16, 1), (2, 2, 2, 4)),
+    "repvgg_b1g2": repvgg_params((4, 6, 16, 1), (2, 2, 2, 4), EVEN, 2),
+    "repvgg_b1g4": repvgg_params((4, 6, 16, 1), (2, 2, 2, 4), EVEN, 4),
+    "repvgg_b2": repvgg_params((4, 6, 16, 1), (2.5, 2.5, 2.5, 5)),
+    "repvgg_b2g4": repvgg_params((4, 6, 16, 1), (2.5, 2.5, 2.5, 5), EVEN, 4),
+    "repvgg_b3": repvgg_params((4, 6, 16, 1), (3, 3, 3, 5)),
+}
+# Printed deployed params (millions) and where they are printed; the RepVGG paper's table truncates.
+PRINTED = {
+    "repvgg_a0": 8.30, "repvgg_a1": 12.78, "repvgg_a2": 25.49, "repvgg_b0": 14.33, "repvgg_b1": 51.82,
+    "repvgg_b1g2": 41.36, "repvgg_b1g4": 36.12, "repvgg_b2": 80.31, "repvgg_b2g4": 55.77, "repvgg_b3": 110.96,
+    "resnet18": 11.68, "resnet34": 21.78, "resnet50": 25.53, "resnet101": 44.49, "resnext50_32x4d": 24.99,
+}  # RepVGG (CVPR 2021) Table 4 and Table 5, column "Params (M)"
+
+
+def truncated_millions(n: int) -> float:
+    return math.floor(n / 1e4) / 100
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_worked_example_from_design():
+    assert EXPECTED["resnet34"] == 21_789_160 and truncated_millions(21_789_160) == 21.78
+
+
+@pytest.mark.parametrize("arch", sorted(PRINTED))
+def test_expected_counts_match_the_printed_values(arch):
+    assert truncated_millions(EXPECTED[arch]) == PRINTED[arch]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,rep", ALL, ids=[f"{a}-{r}" for a, r in ALL])
+def test_deployed_params_are_exact_for_every_rep(arch, rep):
+    model = deploy(build_classifier(arch, rep))
+    assert form_of(model) == "deploy"
+    assert n_params(model) == EXPECTED[arch]
+    if rep != "none":
+        assert n_params(build_classifier(arch, rep)) > EXPECTED[arch]  # training form carries the branches
+
+
+def check_network(model, dtype, size=32):
+    model = randomize(model.to(dtype)).eval()
+    x = torch.randn(2, 3, size, size, dtype=dtype)
+    with torch.no_grad():
+        expected = model(x)
+        deploy(model)
+        got = model(x)
+    assert form_of(model) == "deploy"
+    err = rel_err(got, expected)
+    assert err <= TOLERANCE[dtype], err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,rep", ALL, ids=[f"{a}-{r}" for a, r in ALL])
+def test_network_train_equals_deploy(arch, rep, dtype):
+    torch.manual_seed(0)
+    check_network(build_classifier(arch, rep, num_classes=10), dtype)
+
+
+VARIANTS = [(rep, name) for rep, presets in PRESETS.items() for name in presets]
+
+
+@pytest.mark.parametrize("rep,variant", VARIANTS, ids=[f"{r}-{v}" for r, v in VARIANTS])
+def test_every_variant_deploys_exactly(rep, variant, dtype):
+    arch = {"orepa": "resnet50", "dbb": "resnet18", "repvgg": "repvgg_a0", "orepa_vgg": "repvgg_a0"}[rep]
+    torch.manual_seed(1)
+    check_network(build_classifier(arch, rep, num_classes=10, variant=variant), dtype)
+
+
+def test_orepa_network_swaps_stem_and_bottleneck_1x1s():
+    from backbones.blocks import OREPA, OREPA1x1, ConvBN, OREPADeepStem
+    model = build_classifier("resnet50", "orepa")
+    assert isinstance(model.stem, OREPADeepStem)
+    block = model.layer1[0]
+    assert isinstance(block.conv1, OREPA1x1) and isinstance(block.conv2, OREPA) and isinstance(block.conv3, OREPA1x1)
+    assert isinstance(block.shortcut, OREPA1x1)
+    basic = build_classifier("resnet18", "orepa").layer2[0]
+    assert isinstance(basic.shortcut, ConvBN)  # OREPA's code forces conv+BN on BasicBlock shortcuts
+    chain = build_classifier("resnet50", "orepa", variant="dw_pw")
+    assert isinstance(chain.stem, ConvBN) and isinstance(chain.layer1[0].conv1, ConvBN)
+
+
+def test_dbb_keeps_1x1_and_stem_plain():
+    from backbones.blocks import DBB, ConvBN
+    model = build_classifier("resnet50", "dbb")
+    assert isinstance(model.stem, ConvBN) and isinstance(model.layer1[0].conv1, ConvBN)
+    assert isinstance(model.layer1[0].conv2, DBB)
+
+
+@pytest.mark.parametrize("arch,rep,variant", [
+    ("resnet18", "repvgg", None), ("repvgg_a0", "dbb", None), ("resnet18", "csla", None), ("vgg99", "none", None),
+    ("resnet18", "orepa", "no_such_variant"), ("resnet18", "dbb", {"deep_stem": True}),
+    ("resnet18", "orepa", {"form": "sideways"}), ("resnet18", "none", "online")])
+def test_undefined_combinations_are_clear_errors(arch, rep, variant):
+    with pytest.raises(ValueError) as info:
+        build_classifier(arch, rep, variant=variant)
+    assert str(info.value)
+
+
+def test_variant_dict_overrides_are_recorded():
+    model = build_classifier("resnet18", "orepa", variant={"preset": "dbb_online", "scaling": "scalar"})
+    assert model.config.scaling == "scalar" and model.config.branches == ("origin", "1x1", "avg", "1x1_kxk")
+    assert model.config.as_dict()["deep_stem"] is False
