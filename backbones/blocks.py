@@ -135,9 +135,13 @@ class MultiBranchConv(ReparamBlock):
         return t * self.scale[index].reshape(shape)
 
     def squeezed_kernel(self) -> Tensor:
-        """Sum over branches of scaling * branch kernel: the one conv of the online form (before the post BN)."""
-        kernels = [self._scaled(i, b.kernel_bias()[0], 0) for i, b in enumerate(self.branches.values())]
-        return torch.stack(kernels).sum(0)
+        """Sum over branches of scaling * branch kernel: the one conv of the online form (before the post BN).
+        Each branch folds its scale into its smallest factor; the sum is accumulated, not stacked."""
+        kernel = None
+        for i, branch in enumerate(self.branches.values()):
+            term = branch.scaled_kernel(None if self.scale is None else self.scale[i])
+            kernel = term if kernel is None else kernel + term
+        return kernel
 
     def forward(self, x):
         if self.form == "online":

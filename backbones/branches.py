@@ -76,6 +76,13 @@ class Branch(nn.Module):
     def kernel_bias(self) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError  # abstract; every concrete branch below implements it
 
+    def scaled_kernel(self, scale: Tensor | None) -> Tensor:
+        """``scale`` (per output channel, or one value) times this branch's kernel (a branch without mid norm).
+        Branches override it to apply the scale to their smallest factor: OREPA's online squeeze runs every
+        forward, so this is on the training hot path."""
+        kernel = self.kernel_bias()[0]
+        return kernel if scale is None else kernel * scale.reshape(-1, 1, 1, 1)
+
 
 class Conv(Branch):
     """A plain conv of size kh x kw centred in the block's kxk window: the kxk origin, 1x1, and ACNet's 1xk / kx1."""
@@ -93,11 +100,14 @@ class Conv(Branch):
         return F.conv2d(x, self.weight, None, g.stride, 0, g.dilation, g.groups)
 
     def kernel_bias(self):
-        if (self.kh, self.kw) == (self.geometry.kernel_size,) * 2:
-            return self.weight, None
+        return self.scaled_kernel(None), None
+
+    def scaled_kernel(self, scale):
+        weight = self.weight if scale is None else self.weight * scale.reshape(-1, 1, 1, 1)
         k = self.geometry.kernel_size
-        ph, pw = (k - self.kh) // 2, (k - self.kw) // 2
-        return F.pad(self.weight, [pw, pw, ph, ph]), None
+        if (self.kh, self.kw) == (k, k):
+            return weight
+        return F.pad(weight, [(k - self.kw) // 2] * 2 + [(k - self.kh) // 2] * 2)
 
 
 class Identity(Branch):
@@ -116,6 +126,9 @@ class Identity(Branch):
 
     def kernel_bias(self):
         return self.kernel, None
+
+    def scaled_kernel(self, scale):
+        return self.kernel if scale is None else self.kernel * scale.reshape(-1, 1, 1, 1)
 
 
 class OneByOneThenFilter(Branch):
@@ -157,6 +170,10 @@ class OneByOneThenFilter(Branch):
         filt = self.filter()
         kernel = w * filt.unsqueeze(1)  # (O, I/g, 1, 1) x (O, 1, k, k): a depthwise filter after a 1x1
         return kernel, None if b is None else b * filt.sum((1, 2))
+
+    def scaled_kernel(self, scale):
+        w = self.conv1x1 if scale is None else self.conv1x1 * scale.reshape(-1, 1, 1, 1)
+        return w * self.filter().unsqueeze(1)
 
 
 def frequency_prior(channels: int, k: int) -> Tensor:
@@ -222,6 +239,10 @@ class OneByOneKxK(Branch):
             first, first_bias = algebra.fuse_conv_bn(first, self.mid_bn)
         return algebra.compose_sequential(first, self.second, self.geometry.groups, first_bias)
 
+    def scaled_kernel(self, scale):
+        second = self.second if scale is None else self.second * scale.reshape(-1, 1, 1, 1)
+        return algebra.compose_sequential(self.first_kernel(), second, self.geometry.groups)[0]
+
 
 class DepthwisePointwise(Branch):
     """OREPA's linear depthwise-separable branch: depthwise kxk with channel multiplier 8, then a 1x1."""
@@ -247,3 +268,7 @@ class DepthwisePointwise(Branch):
         if self.mid_bn is not None:
             dw, dw_bias = algebra.fuse_conv_bn(dw, self.mid_bn)
         return algebra.depthwise_pointwise_kernel(dw, self.pointwise, self.multiplier, self.geometry.groups, dw_bias)
+
+    def scaled_kernel(self, scale):
+        pw = self.pointwise if scale is None else self.pointwise * scale.reshape(-1, 1, 1, 1)
+        return algebra.depthwise_pointwise_kernel(self.depthwise, pw, self.multiplier, self.geometry.groups)[0]

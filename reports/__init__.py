@@ -1,1 +1,47 @@
+"""Reports from the results store only (a report never runs anything): markdown and a self-contained HTML page."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from .build import build_table_report
+from .render import render_html, render_markdown
+
+
+def open_store(url: str):
+    """The store at ``url``, or None when there is no database yet (a report never creates one)."""
+    from results import SchemaMissing, Store
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+            and not Path(parsed.database).exists():
+        return None
+    try:
+        return Store(url, migrate=False)
+    except SchemaMissing:
+        return None
+
+
+def write_reports(tables, url: str, fmt: str, out: Path) -> list[Path]:
+    store = open_store(url)
+    try:
+        reports = [build_table_report(table, store) for table in tables]
+    finally:
+        if store is not None:
+            store.close()
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "md":
+        paths = []
+        for report in reports:
+            path = out / f"{report['table'].key}.md"
+            path.write_text(render_markdown(report))
+            paths.append(path)
+        return paths
+    name = reports[0]["table"].key if len(reports) == 1 else "all"
+    path = out / f"{name}.html"
+    path.write_text(render_html(reports))
+    return [path]
+
+
+__all__ = ["build_table_report", "open_store", "render_html", "render_markdown", "write_reports"]

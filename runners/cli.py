@@ -1,41 +1,82 @@
 """The ``run_suite`` command line.
 
-Commands: ``run_suite list`` (every declared table with its rows and scales). Running and reporting tables arrive
-with the results store (see the README's roadmap).
+    run_suite list [TABLE]
+    run_suite TABLE [--scale smoke|mini|paper] [--db URL] [--data-root DIR] [--executor local|slurm]
+                    [--only ROW ...] [--seeds N] [--force] [--dry-run]
+    run_suite report TABLE|all [--db URL] [--format md|html] [--out DIR]
+
+Bad input (unknown table or row, a scale the table lacks, a bad --db URL, a missing external dataset or an explicit
+root that does not exist) prints one line and exits with code 2 before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table as RichTable
 
 import suites
+from results import FINAL, StoreError, check_url, resolve_url
+
+EXIT_BAD_INPUT = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run_suite",
-        description="repbench: re-measure the tables of re-parameterization papers.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    listing = commands.add_parser("list", help="every declared table with its rows and the scales it supports")
-    listing.add_argument("table", nargs="?", help="only this table (e.g. table4 or orepa.table4)")
+class BadInput(Exception):
+    """One line for the user; exit code 2."""
+
+
+def _table(name: str):
+    try:
+        return suites.get_table(name)
+    except KeyError as e:
+        raise BadInput(e.args[0]) from None
+
+
+def list_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_suite list", description="Every declared table, its rows and scales.")
+    parser.add_argument("table", nargs="?", help="only this table (e.g. table4 or orepa.table4)")
     return parser
 
 
-def cmd_list(args, console: Console) -> int:
-    tables = list(suites.TABLES.values())
-    if args.table:
-        try:
-            tables = [suites.get_table(args.table)]
-        except KeyError as e:
-            console.print(f"run_suite: {e.args[0]}", style="red", highlight=False)
-            return 2
+def run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_suite", description="Re-measure a paper table and store every number in the results database.",
+        epilog="Other commands: 'run_suite list [TABLE]', 'run_suite report TABLE|all'. A bare table name "
+               "(table4) means OREPA's.")
+    parser.add_argument("table", help="e.g. table4, orepa.table4, orepa.fig8 ('run_suite list' shows all)")
+    parser.add_argument("--scale", default="smoke", choices=suites.SCALES,
+                        help="smoke (default: plumbing, seconds), mini (minutes on a CPU), paper (GPUs)")
+    parser.add_argument("--db", help="database URL (default: $REPBENCH_DB, else sqlite:///results/repbench.sqlite)")
+    parser.add_argument("--data-root", help="datasets and generated data (default: $REPBENCH_DATA, else data/)")
+    parser.add_argument("--executor", default="local", choices=("local", "slurm"))
+    parser.add_argument("--only", nargs="+", metavar="ROW", help="only these rows (names as in 'run_suite list')")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per row (default 1)")
+    parser.add_argument("--force", action="store_true", help="re-run finished runs too")
+    parser.add_argument("--dry-run", action="store_true", help="show the plan; run and write nothing")
+    return parser
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_suite report",
+                                     description="Render tables from the results database (never runs anything).")
+    parser.add_argument("table", help="a table name, or 'all'")
+    parser.add_argument("--db", help="database URL (same precedence as runs)")
+    parser.add_argument("--format", default="md", choices=("md", "html"))
+    parser.add_argument("--out", default="reports/out", help="output directory (default reports/out/)")
+    return parser
+
+
+def cmd_list(argv, console: Console) -> int:
+    args = list_parser().parse_args(argv)
+    tables = [_table(args.table)] if args.table else list(suites.TABLES.values())
     for table in tables:
-        view = RichTable(title=f"{table.key} — {table.title}  [scales: {', '.join(table.scales)}]",
-                         title_justify="left")
+        scales = ", ".join(table.scales) or f"none yet ({table.runner} runner comes later)"
+        view = RichTable(title=f"{table.key} — {table.title} [scales: {scales}]", title_justify="left")
         for column in ("row", "arch", "rep", "variant", *table.metrics):
             view.add_column(column)
         for row in table.rows:
@@ -45,10 +86,144 @@ def cmd_list(args, console: Console) -> int:
     return 0
 
 
+def _validated_run(args):
+    """Every check that can fail on user input, before anything touches the database or the disk."""
+    from runners.data import DatasetMissing, check_dataset, resolve_data_root
+
+    table = _table(args.table)
+    if args.scale not in table.recipes:
+        raise BadInput(f"{table.key} has no runner at scale {args.scale!r} "
+                       f"({'declared only; its runner comes in a later issue' if not table.recipes else 'scales: ' + ', '.join(table.scales)})")
+    for name in args.only or []:
+        try:
+            table.row(name)
+        except KeyError as e:
+            raise BadInput(e.args[0]) from None
+    if args.seeds < 1:
+        raise BadInput("--seeds must be >= 1")
+    url = resolve_url(args.db)
+    try:
+        check_url(url)
+    except StoreError as e:
+        raise BadInput(str(e)) from None
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise BadInput(f"--data-root {args.data_root} does not exist")
+    data_root = resolve_data_root(args.data_root)
+    try:
+        check_dataset(table.recipes[args.scale].dataset, data_root)
+    except DatasetMissing as e:
+        raise BadInput(str(e)) from None
+    return table, url, data_root
+
+
+def cmd_run(argv, console: Console) -> int:
+    args = run_parser().parse_args(argv)
+    table, url, data_root = _validated_run(args)
+    if not args.table.count("."):
+        console.print(f"[dim]{args.table} -> {table.key}[/dim]")
+    from results import Store
+    from runners.executors import build_executor, run_is_alive
+    from runners.jobs import plan
+
+    jobs = plan(table, args.scale, args.seeds, args.only, str(data_root), url, args.executor)
+    if args.dry_run:
+        view = RichTable(title=f"plan: {table.key} at {args.scale} ({len(jobs)} runs; nothing written)")
+        for column in ("row", "seed", "arch", "rep", "run key"):
+            view.add_column(column)
+        for job in jobs:
+            view.add_row(job.spec.row_name, str(job.spec.seed), job.config["arch"], job.config["rep"],
+                         job.spec.run_key[:12])
+        console.print(view)
+        return 0
+    try:
+        store = Store(url)
+    except StoreError as e:
+        raise BadInput(str(e)) from None
+    dead = store.fail_dead_runs(run_is_alive)
+    if dead:
+        console.print(f"{len(dead)} run(s) left 'running' by a dead process will be retried")
+    todo = []
+    for job in jobs:
+        run = store.ensure_run(job.spec)
+        job.run_id = run.id
+        if run.status in FINAL and not args.force:
+            continue
+        todo.append(job)
+    if not todo:
+        console.print(f"nothing to do: all {len(jobs)} runs of {table.key} at {args.scale} are already done "
+                      f"(--force re-runs them; 'run_suite report {table.key}' shows them)")
+        return 0
+    console.print(f"{table.key} at {args.scale}: {len(todo)} of {len(jobs)} runs to do "
+                  f"({len(jobs) - len(todo)} already done), executor {args.executor}, database {store.url}")
+    start = time.perf_counter()
+    statuses = {}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        task = bar.add_task(todo[0].label, total=len(todo))
+
+        def progress(job, status):
+            statuses[job.spec.run_key] = status
+            bar.advance(task)
+            following = [j for j in todo if j.spec.run_key not in statuses]
+            bar.update(task, description=following[0].label if following else "done")
+
+        build_executor(args.executor).run(todo, store, progress)
+    elapsed = time.perf_counter() - start
+    console.print(_summary(store, table, args.scale))
+    failed = [k for k, s in statuses.items() if s == "failed"]
+    console.print(f"{len(todo)} runs in {elapsed:.1f} s; {len(failed)} failed. "
+                  f"Report: run_suite report {table.key}" + (f" --db {args.db}" if args.db else ""))
+    store.close()
+    return 1 if failed else 0
+
+
+def _summary(store, table, scale) -> RichTable:
+    runs = store.runs_frame(table.key)
+    runs = runs[runs.scale == scale]
+    metrics = store.metrics_frame(table.key)
+    view = RichTable(title=f"{table.key} at {scale}")
+    columns = [m for m in ("top1", "train_memory", "time_per_batch", "params_deploy") if m in set(metrics.name)]
+    for column in ("row", "seed", "status", *columns):
+        view.add_column(column)
+    for _, run in runs.iterrows():
+        values = metrics[metrics.run_id == run.id].set_index("name")["value"]
+        cells = []
+        for name in columns:
+            value = values.get(name)
+            cells.append("-" if value is None else f"{value:.4g}")
+        view.add_row(run.row_name, str(run.seed), run.status, *cells)
+    return view
+
+
+def cmd_report(argv, console: Console) -> int:
+    args = report_parser().parse_args(argv)
+    tables = list(suites.TABLES.values()) if args.table == "all" else [_table(args.table)]
+    url = resolve_url(args.db)
+    try:
+        check_url(url)
+    except StoreError as e:
+        raise BadInput(str(e)) from None
+    from reports import write_reports
+    try:
+        paths = write_reports(tables, url, args.format, Path(args.out))
+    except StoreError as e:
+        raise BadInput(str(e)) from None
+    for path in paths:
+        console.print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     console = Console()
-    return {"list": cmd_list}[args.command](args, console)
+    commands = {"list": cmd_list, "report": cmd_report}
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:], console)
+        return cmd_run(argv, console)
+    except BadInput as e:
+        Console(stderr=True).print(f"run_suite: error: {e}", style="red", highlight=False, soft_wrap=True)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

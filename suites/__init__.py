@@ -1,23 +1,24 @@
-"""Paper tables as declarations. ``get_table("table4")`` resolves a bare name to the first paper (OREPA)."""
+"""Paper tables as declarations. ``get_table("table4")`` resolves a bare name to the first paper that has it
+(OREPA, the first paper of DESIGN.md)."""
 
 from __future__ import annotations
 
 from . import orepa
-from .base import SCALES, PaperValue, Row, Table
+from .base import METRICS, SCALES, MetricSpec, PaperValue, Recipe, Row, Table
 
-PAPERS = {"orepa": orepa.TABLES}  # in the order of DESIGN.md; the first paper owns bare table names
+PAPERS = {"orepa": orepa.TABLES}  # in DESIGN.md's order; the first paper owns bare table names
 TABLES: dict[str, Table] = {t.key: t for tables in PAPERS.values() for t in tables}
 
 
 def get_table(name: str) -> Table:
-    """``orepa.table4`` or a bare ``table4`` (the first paper that has it). Unknown names raise ``KeyError``."""
+    """``orepa.table4`` or a bare ``table4``. Unknown names raise ``KeyError`` with the known ones."""
     if name in TABLES:
         return TABLES[name]
     for paper in PAPERS:
-        key = f"{paper}.{name}"
-        if key in TABLES:
-            return TABLES[key]
+        if f"{paper}.{name}" in TABLES:
+            return TABLES[f"{paper}.{name}"]
     raise KeyError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
 
 
-__all__ = ["SCALES", "PAPERS", "TABLES", "PaperValue", "Row", "Table", "get_table"]
+__all__ = ["METRICS", "SCALES", "PAPERS", "TABLES", "MetricSpec", "PaperValue", "Recipe", "Row", "Table",
+           "get_table"]

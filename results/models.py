@@ -1,0 +1,99 @@
+"""The results schema (MLflow's tracking store, trimmed to what a benchmark needs).
+
+Times are integer milliseconds since the epoch; NaN/inf are stored as a flag (not portable across SQL engines).
+The schema itself is created and changed only by the Alembic migrations in ``results/migrations``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+STATUSES = ("scheduled", "running", "finished", "failed", "diverged")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (CheckConstraint(f"status IN {STATUSES}", name="run_status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_key: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    table_name: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
+    row_name: Mapped[str] = mapped_column(String(200), nullable=False)
+    scale: Mapped[str] = mapped_column(String(20), nullable=False)
+    seed: Mapped[int] = mapped_column(Integer, nullable=False)
+    config_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, default="scheduled")
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    executor: Mapped[str | None] = mapped_column(String(20))
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    slurm_job_id: Mapped[str | None] = mapped_column(String(64))
+    created_ms: Mapped[int] = mapped_column(BigInteger, nullable=False, default=now_ms)
+    started_ms: Mapped[int | None] = mapped_column(BigInteger)
+    ended_ms: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    diverged_step: Mapped[int | None] = mapped_column(Integer)
+
+    params: Mapped[list[Param]] = relationship(back_populates="run", cascade="all, delete-orphan")
+    metrics: Mapped[list[Metric]] = relationship(back_populates="run", cascade="all, delete-orphan")
+    environment: Mapped[Environment | None] = relationship(back_populates="run", cascade="all, delete-orphan")
+
+
+class Param(Base):
+    """The run's full resolved config, flattened to dotted keys; written once, never changed."""
+
+    __tablename__ = "params"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(250), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, nullable=False)  # JSON
+    run: Mapped[Run] = relationship(back_populates="params")
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    __table_args__ = (UniqueConstraint("run_id", "name", "step", name="metric_per_step"),
+                      Index("metrics_run_id", "run_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    value: Mapped[float | None] = mapped_column(Float(precision=53))
+    is_nan: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    unit: Mapped[str] = mapped_column(String(20), nullable=False)
+    step: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    device: Mapped[str | None] = mapped_column(String(200))
+    batch: Mapped[int | None] = mapped_column(Integer)
+    resolution: Mapped[int | None] = mapped_column(Integer)
+    dtype: Mapped[str | None] = mapped_column(String(20))
+    threads: Mapped[int | None] = mapped_column(Integer)
+    method: Mapped[str | None] = mapped_column(Text)  # how it was measured
+    created_ms: Mapped[int] = mapped_column(BigInteger, nullable=False, default=now_ms)
+    run: Mapped[Run] = relationship(back_populates="metrics")
+
+
+class Environment(Base):
+    __tablename__ = "environments"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    git_commit: Mapped[str | None] = mapped_column(String(64))
+    git_dirty: Mapped[bool | None] = mapped_column(Boolean)
+    python: Mapped[str] = mapped_column(String(50), nullable=False)
+    torch: Mapped[str] = mapped_column(String(50), nullable=False)
+    cuda: Mapped[str | None] = mapped_column(String(50))
+    mmcv: Mapped[str | None] = mapped_column(String(50))
+    device_name: Mapped[str] = mapped_column(String(200), nullable=False)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    platform: Mapped[str | None] = mapped_column(String(200))
+    run: Mapped[Run] = relationship(back_populates="environment")

@@ -1,0 +1,162 @@
+"""The results store on SQLite and on a real PostgreSQL server started by the tests."""
+
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+
+from results import MetricRecord, RunSpec, SchemaMissing, Store, StoreError, check_url
+from runners.jobs import config_hash, run_key
+
+
+def find_pg_bin() -> Path:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not candidates:
+        pytest.fail("PostgreSQL server binaries not found: .ci/run installs Debian's postgresql package "
+                    "(apt-get install -y postgresql)")
+    return candidates[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throw-away PostgreSQL server on 127.0.0.1 (initdb/pg_ctl refuse root: run them as postgres)."""
+    bindir = find_pg_bin()
+    datadir = tempfile.mkdtemp(prefix="repbench-pg-")
+    shutil.chown(datadir, "postgres", "postgres")
+    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run(run_as + [str(bindir / "initdb"), "-D", datadir, "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", datadir, "-l", f"{datadir}/log", "-w", "-o",
+                             f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", datadir, "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path}/nested/dir/results.sqlite")
+    else:
+        url = request.getfixturevalue("postgres_url")
+        s = Store(url)
+        with s.engine.begin() as c:  # each test starts from an empty store
+            c.execute(text("TRUNCATE runs, params, metrics, environments RESTART IDENTITY CASCADE"))
+    yield s
+    s.close()
+
+
+def spec(row="ResNet-18/None", seed=0, config=None):
+    config = config or {"arch": "resnet18", "recipe": {"batch": 2}, "variant": {"branches": ["origin"]}}
+    chash = config_hash(config)
+    return RunSpec(run_key("orepa.table4", row, "smoke", seed, chash), "orepa.table4", row, "smoke", seed, chash,
+                   config)
+
+
+def test_migrations_from_empty_reach_head(store):
+    assert store.schema_revision() == "0001"
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"runs", "params", "metrics", "environments", "alembic_version"} <= tables
+    store.upgrade()  # idempotent
+    assert store.schema_revision() == "0001"
+
+
+def test_round_trip(store):
+    run = store.ensure_run(spec())
+    store.start_run(run.id, pid=123, host="h", executor="local")
+    store.log_environment(run.id, dict(git_commit="abc", git_dirty=True, python="3.11.7", torch="2.13.0",
+                                       cuda=None, mmcv="2.1.0", device_name="cpu", host="h", platform="linux"))
+    store.log_metrics(run.id, [
+        MetricRecord("time_per_batch", 0.125, "s", device="cpu", batch=2, resolution=32, dtype="float32",
+                     threads=2, method="median"),
+        MetricRecord("top1", float("nan"), "%", step=7),
+        MetricRecord("train_memory", None, "GiB", method="OOM at budget 1 GiB")])
+    store.finish_run(run.id, "diverged", error="loss became nan", diverged_step=7)
+    runs = store.runs_frame("orepa.table4")
+    assert list(runs.status) == ["diverged"] and runs.diverged_step.iloc[0] == 7 and runs.attempt.iloc[0] == 1
+    metrics = store.metrics_frame("orepa.table4").set_index("name")
+    assert metrics.loc["time_per_batch", "value"] == 0.125 and metrics.loc["time_per_batch", "threads"] == 2
+    assert metrics.loc["time_per_batch", "method"] == "median" and metrics.loc["time_per_batch", "unit"] == "s"
+    assert math.isnan(metrics.loc["top1", "value"]) and metrics.loc["top1", "step"] == 7
+    assert metrics.loc["train_memory", "value"] is None or math.isnan(metrics.loc["train_memory", "value"])
+    assert not metrics.loc["train_memory", "is_nan"]
+    assert store.params_of(run.id) == {"arch": "resnet18", "recipe.batch": 2, "variant.branches": ["origin"]}
+    env = store.environments_frame("orepa.table4").iloc[0]
+    assert env.git_commit == "abc" and bool(env.git_dirty) and env.mmcv == "2.1.0"
+
+
+def test_run_keys_are_idempotent(store):
+    first = store.ensure_run(spec())
+    again = store.ensure_run(spec())
+    assert first.id == again.id and len(store.runs_frame()) == 1
+    other_seed = store.ensure_run(spec(seed=1))
+    other_config = store.ensure_run(spec(config={"arch": "resnet18", "recipe": {"batch": 4}}))
+    assert len({first.id, other_seed.id, other_config.id}) == 3
+
+
+def test_retry_replaces_partial_metrics(store):
+    run = store.ensure_run(spec())
+    store.start_run(run.id, pid=1, host="h", executor="local")
+    store.log_metrics(run.id, [MetricRecord("train_memory", 1.0, "GiB")])
+    assert store.fail_dead_runs(lambda r: False) == [run.id]
+    assert store.get_run(run.run_key).status == "failed"
+    store.start_run(run.id, pid=2, host="h", executor="local")
+    assert store.metrics_frame().empty
+    store.log_metrics(run.id, [MetricRecord("train_memory", 2.0, "GiB")])
+    store.finish_run(run.id, "finished")
+    metrics = store.metrics_frame()
+    assert list(metrics.value) == [2.0]
+    assert store.get_run(run.run_key).attempt == 2
+
+
+def test_status_is_constrained(store):
+    from sqlalchemy.exc import IntegrityError
+    run = store.ensure_run(spec())
+    with pytest.raises(IntegrityError):
+        store.finish_run(run.id, "exploded")
+
+
+def test_foreign_keys_enforced(store):
+    from sqlalchemy.exc import IntegrityError
+    with pytest.raises(IntegrityError):
+        store.log_metrics(999, [MetricRecord("x", 1.0, "s")])
+
+
+def test_sqlite_pragmas(tmp_path):
+    s = Store(f"sqlite:///{tmp_path}/db.sqlite")
+    with s.engine.connect() as c:
+        assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert c.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+        assert c.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+@pytest.mark.parametrize("url", ["nonsense", "mysql://u@h/db", "sqlite+nodriver:///x.db", "postgresql+nodriver://x"])
+def test_bad_urls(url):
+    with pytest.raises(StoreError):
+        check_url(url)
+
+
+def test_unreachable_server_is_a_store_error():
+    with pytest.raises(StoreError, match="cannot open database"):
+        Store("postgresql+psycopg://nobody@127.0.0.1:1/none")
+
+
+def test_reading_an_empty_database_without_schema(tmp_path):
+    import sqlite3
+    sqlite3.connect(tmp_path / "empty.sqlite").close()
+    with pytest.raises(SchemaMissing):
+        Store(f"sqlite:///{tmp_path}/empty.sqlite", migrate=False)
