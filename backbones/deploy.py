@@ -89,10 +89,14 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     state dict the form is inferred from its keys. Any missing or unexpected key, or shape mismatch, raises
     :class:`CheckpointError` and leaves ``model`` untouched. Returns the checkpoint's metadata.
     """
-    ckpt = read_checkpoint(path)
+    return load_state(model, read_checkpoint(path), str(path))
+
+
+def load_state(model: nn.Module, ckpt: dict, path: str) -> dict:
+    """:func:`load_checkpoint` for an already-read checkpoint dict (see :func:`read_checkpoint`)."""
     model_form = form_of(model)
     state = ckpt["state_dict"]
-    ckpt_form = ckpt["form"] or _infer_form(state)
+    ckpt_form = ckpt["form"] or infer_form(state)
     if ckpt_form != model_form:
         raise CheckpointError(f"{path} is a {ckpt_form}-form checkpoint but the model is in {model_form} form"
                               + (" (call backbones.deploy(model) first)" if ckpt_form == "deploy" else ""))
@@ -111,7 +115,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     return {k: ckpt[k] for k in ("form", "arch", "rep", "meta")}
 
 
-def _infer_form(state: dict) -> str:
+def infer_form(state: dict) -> str:
     """Every BN of our networks lives in a re-param block, so only a train-form state dict has BN statistics."""
     return "train" if any(key.endswith("running_mean") for key in state) else "deploy"
 

@@ -84,6 +84,11 @@ def resolve_variant(rep: str, variant: str | dict | None = None) -> RepConfig:
     if variant is None:
         return config
     overrides = dict(variant) if isinstance(variant, dict) else {"preset": variant}
+    if "rep" in overrides:  # a recorded, fully resolved config (RepConfig.as_dict()) round-trips
+        if overrides.pop("rep") != rep:
+            raise ValueError(f"variant {variant} was resolved for another rep than {rep!r}")
+        defaults = config.as_dict()
+        overrides = {k: v for k, v in overrides.items() if defaults.get(k) != v}
     preset = overrides.pop("preset", None)
     if preset is not None:
         if preset not in PRESETS.get(rep, {}):

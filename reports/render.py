@@ -7,7 +7,7 @@ import io
 import math
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from jinja2 import Environment, FileSystemLoader
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -21,8 +21,8 @@ def _verdict_class(value) -> str:
 
 
 def _environment(autoescape: bool) -> Environment:
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]) if autoescape
-                      else False, trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True)
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=autoescape,
+                      trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True)
     env.filters["md"] = _md_cell
     env.filters["verdict_class"] = _verdict_class
     return env

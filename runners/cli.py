@@ -182,9 +182,10 @@ def _summary(store, table, scale) -> RichTable:
     runs = runs[runs.scale == scale]
     metrics = store.metrics_frame(table.key)
     view = RichTable(title=f"{table.key} at {scale}")
-    columns = [m for m in ("top1", "train_memory", "time_per_batch", "params_deploy") if m in set(metrics.name)]
-    for column in ("row", "seed", "status", *columns):
-        view.add_column(column)
+    headers = {"top1": "top-1 %", "train_memory": "mem GiB", "time_per_batch": "s/batch", "latency": "latency s"}
+    columns = [m for m in headers if m in set(metrics.name)]
+    for column in ("row", "seed", "status", *(headers[c] for c in columns)):
+        view.add_column(column, no_wrap=column == "row")
     for _, run in runs.iterrows():
         values = metrics[metrics.run_id == run.id].set_index("name")["value"]
         cells = []
@@ -215,7 +216,7 @@ def cmd_report(argv, console: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     commands = {"list": cmd_list, "report": cmd_report}
     try:
         if argv and argv[0] in commands:

@@ -115,6 +115,13 @@ def _status_kib(field_name: str) -> int:
 
 
 def _reset_peak_rss() -> None:
+    # Give the allocator's cached free pages back first, so that RSS is the live memory (weights, gradients,
+    # optimizer state) and the measured step's growth is its activations, not what malloc kept from the warm-up.
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
@@ -158,6 +165,9 @@ def _die_with_parent() -> None:
 
 def _capped_child(conn, cgroup: Path | None, cap_bytes: int, fn, args):
     _die_with_parent()
+    # OpenMP's thread pool does not survive fork (a child of a parent that already ran parallel ops hangs), so the
+    # child measures memory with one intra-op thread, as DataLoader workers do.
+    torch.set_num_threads(1)
     if cgroup is not None:
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     else:
@@ -237,8 +247,8 @@ def probe_train_memory(factory: ModelFactory, batch: int, resolution: int, num_c
         return Measurement("train_memory", peak / GIB, "GiB", method, extra={"train_memory_step": step / GIB})
     status, result, cap_method = run_capped(_measure_step_memory,
                                             (factory, batch, resolution, num_classes, device, warmup), cap)
-    method = (f"CPU child process: VmHWM (reset via /proc/self/clear_refs before the step after {warmup} warm-up) "
-              f"minus RSS after import torch; {cap_method}")
+    method = (f"CPU child process (1 thread): VmHWM (reset via /proc/self/clear_refs before the step after {warmup} "
+              f"warm-up) minus RSS after import torch; {cap_method}")
     if status == "oom":
         return Measurement("train_memory", None, "GiB", f"OOM at budget {cap_gb:g} GiB; {method}", oom=True)
     if status == "error":

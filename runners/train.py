@@ -8,6 +8,7 @@ iteration. A non-finite loss stops the run as *diverged* at that step (OREPA Tab
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import tempfile
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class DivergenceHook(Hook):
     """Stops training at the first non-finite loss (the step is recorded)."""
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        loss = float(outputs["loss"])
+        loss = float(outputs["loss"].detach()) if hasattr(outputs["loss"], "detach") else float(outputs["loss"])
         runner.message_hub.update_info("last_loss", loss)
         if not math.isfinite(loss):
             raise Diverged(runner.iter + 1, loss)
@@ -94,17 +95,19 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
             work_dir=str(work_dir or tmp),
             train_dataloader=train_loader,
             val_dataloader=val_loader,
-            val_evaluator=Top1(),
+            val_evaluator=[Top1()],
             train_cfg=dict(by_epoch=False, max_iters=total, val_interval=total + 1),
             val_cfg=dict(),
             optim_wrapper=dict(
                 optimizer=dict(type="SGD", lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay),
                 paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0, bias_lr_mult=2.0)),
             param_scheduler=schedulers,
-            default_hooks=dict(checkpoint=None, logger=dict(type="LoggerHook", interval=50), visualization=None),
+            default_hooks=dict(checkpoint=None, logger=dict(type="LoggerHook", interval=50)),
             custom_hooks=[DivergenceHook()],
             randomness=dict(seed=seed),
-            log_level="WARNING",
+            env_cfg=dict(cudnn_benchmark=False,
+                         mp_cfg=dict(mp_start_method=mp.get_start_method(allow_none=True) or "fork")),
+            log_level="ERROR",
             default_scope="mmengine",
             experiment_name=f"repbench-{next(tempfile._get_candidate_names())}",
         )

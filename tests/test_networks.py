@@ -164,3 +164,11 @@ def test_variant_dict_overrides_are_recorded():
     model = build_classifier("resnet18", "orepa", variant={"preset": "dbb_online", "scaling": "scalar"})
     assert model.config.scaling == "scalar" and model.config.branches == ("origin", "1x1", "avg", "1x1_kxk")
     assert model.config.as_dict()["deep_stem"] is False
+
+
+@pytest.mark.parametrize("rep,variant", [("orepa", "dw_pw"), ("none", None), ("repvgg", "online"),
+                                         ("orepa_vgg", None)])
+def test_recorded_variant_round_trips(rep, variant):
+    from backbones import resolve_variant
+    config = resolve_variant(rep, variant)
+    assert resolve_variant(rep, config.as_dict()) == config

@@ -1,0 +1,8 @@
+# PSPNet R-50-D8 40k Cityscapes (MMSegmentation's stock config) with a OREPA-ResNet-50 backbone from repbench,
+# dilated as D8: strides (1, 2, 1, 1), dilations (1, 1, 2, 4) (every branch applies the dilation).
+_base_ = "mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py"
+custom_imports = dict(imports=["backbones"], allow_failed_imports=False)
+model = dict(
+    pretrained=None,
+    backbone=dict(_delete_=True, type="repbench.ResNet", depth=50, rep="orepa", strides=(1, 2, 1, 1),
+                  dilations=(1, 1, 2, 4), out_indices=(0, 1, 2, 3), norm_eval=False, pretrained=None))

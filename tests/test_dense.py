@@ -1,0 +1,132 @@
+"""repbench backbones inside real MMDetection / MMSegmentation models built from the stock configs: one CPU training
+step each, and identical backbone features and pre-NMS head outputs before and after deploy."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import init_default_scope
+
+from backbones import CheckpointError, build_classifier, deploy, save_checkpoint
+from conftest import randomize, rel_err
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DET = ["faster-rcnn_repbench-{rep}-r50_fpn_1x_coco.py", "retinanet_repbench-{rep}-r50_fpn_1x_coco.py"]
+SEG = ["pspnet_repbench-{rep}-r50-d8_4xb2-40k_cityscapes-512x1024.py",
+       "deeplabv3plus_repbench-{rep}-r50-d8_4xb2-40k_cityscapes-512x1024.py"]
+CASES = [("mmdet", c, rep) for c in DET for rep in ("orepa", "dbb")] + \
+        [("mmseg", c, rep) for c in SEG for rep in ("orepa", "dbb")]
+
+
+def build(scope, name, rep, **backbone):
+    cfg = Config.fromfile(str(CONFIGS / scope / name.format(rep=rep)))
+    cfg.model.backbone.update(backbone)
+    init_default_scope(scope)
+    if scope == "mmdet":
+        from mmdet.registry import MODELS
+    else:
+        from mmseg.registry import MODELS
+    return revert_sync_batchnorm(MODELS.build(cfg.model))
+
+
+def det_batch(model, size=128):
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    torch.manual_seed(0)
+    samples = []
+    for _ in range(2):
+        sample = DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
+                                             scale_factor=(1.0, 1.0), batch_input_shape=(size, size)))
+        sample.gt_instances = InstanceData(bboxes=torch.tensor([[10.0, 12.0, 70.0, 90.0], [40.0, 30.0, 120.0, 100.0]]),
+                                           labels=torch.tensor([1, 3]))
+        samples.append(sample)
+    return torch.rand(2, 3, size, size) * 255, samples
+
+
+def seg_batch(model, size=64):
+    from mmseg.structures import SegDataSample
+    from mmengine.structures import PixelData
+    torch.manual_seed(0)
+    samples = []
+    for _ in range(2):
+        sample = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 19, (1, size, size)))
+        samples.append(sample)
+    return torch.rand(2, 3, size, size) * 255, samples
+
+
+def flatten(outputs):
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, (list, tuple)):
+        return [t for o in outputs for t in flatten(o)]
+    if isinstance(outputs, dict):
+        return [t for k in sorted(outputs) for t in flatten(outputs[k])]
+    return []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope,name,rep", CASES, ids=[f"{n.split('_')[0]}-{r}" for _, n, r in CASES])
+def test_train_step_and_deploy_equivalence(scope, name, rep):
+    model = build(scope, name, rep)
+    inputs, samples = (det_batch if scope == "mmdet" else seg_batch)(model)
+    data = model.data_preprocessor({"inputs": list(inputs), "data_samples": samples}, training=True)
+    model.train()
+    losses = model(**data, mode="loss")
+    loss = sum(v.sum() for k, v in losses.items() if "loss" in k and isinstance(v, torch.Tensor)) + \
+        sum(sum(x.sum() for x in v) for k, v in losses.items() if "loss" in k and isinstance(v, list))
+    assert torch.isfinite(loss)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer.zero_grad()
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    optimizer.step()
+
+    model.eval()
+    randomize(model.backbone)
+    data = model.data_preprocessor({"inputs": list(inputs), "data_samples": samples}, training=False)
+    with torch.no_grad():
+        features = model.backbone(data["inputs"])
+        head = flatten(model(**data, mode="tensor"))
+        model.backbone.switch_to_deploy()
+        assert not any(type(m).__name__ in ("OREPA", "DBB") for m in model.backbone.modules())
+        features_deployed = model.backbone(data["inputs"])
+        head_deployed = flatten(model(**data, mode="tensor"))
+    assert len(features) == 4 and len(head) == len(head_deployed) > 0
+    for a, b in zip(features_deployed, features):
+        assert rel_err(a, b) <= 1e-5
+    for a, b in zip(head_deployed, head):
+        assert rel_err(a, b) <= 1e-4  # after FPN + heads (float32); the backbone itself is held to 1e-5
+
+
+def test_pretrained_is_loaded_strictly_in_both_forms(tmp_path):
+    from backbones.mm import ResNet
+    classifier = randomize(build_classifier("resnet50", "orepa", num_classes=1000))
+    save_checkpoint(classifier, tmp_path / "train.pth")
+    save_checkpoint(deploy(copy.deepcopy(classifier)), tmp_path / "deploy.pth")
+    x = torch.randn(1, 3, 64, 64)
+    classifier.eval()
+    with torch.no_grad():
+        expected = classifier.forward_features(x)
+    for form in ("train", "deploy"):
+        backbone = ResNet(depth=50, rep="orepa", pretrained=str(tmp_path / f"{form}.pth")).eval()
+        with torch.no_grad():
+            got = backbone(x)
+        for a, b in zip(got, expected):
+            assert rel_err(a, b) <= 1e-4
+
+
+@pytest.mark.parametrize("other", [dict(depth=34, rep="orepa"), dict(depth=50, rep="dbb")])
+def test_mismatched_pretrained_fails_loudly(tmp_path, other):
+    save_checkpoint(build_classifier("resnet50", "orepa"), tmp_path / "r50.pth")
+    with pytest.raises(CheckpointError):
+        build("mmdet", DET[0], other["rep"], depth=other["depth"], pretrained=str(tmp_path / "r50.pth"))
+
+
+def test_pretrained_url_is_refused():
+    from backbones.mm import ResNet
+    with pytest.raises(CheckpointError, match="not a local file"):
+        ResNet(depth=18, pretrained="torchvision://resnet18")
