@@ -47,11 +47,9 @@ class _RepBackbone(BaseModule):
             deploy(self.net)
         load_state(self.net, ckpt, str(path))
 
-    def _stages(self):
-        raise NotImplementedError  # [stem, stage1, ..., stage4]; both backbones below implement it
-
     def _freeze_stages(self):
-        for stage in self._stages()[: self.frozen_stages + 1] if self.frozen_stages >= 0 else []:
+        stages = [self.net.stem, *self.net.stages()]
+        for stage in stages[: self.frozen_stages + 1] if self.frozen_stages >= 0 else []:
             stage.eval()
             for p in stage.parameters():
                 p.requires_grad = False
@@ -92,9 +90,6 @@ class ResNet(_RepBackbone):
                                dilations=tuple(dilations))
         self._setup(net, out_indices, frozen_stages, norm_eval, pretrained)
 
-    def _stages(self):
-        return [self.net.stem, self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4]
-
 
 @MODELS.register_module()
 class RepVGG(_RepBackbone):
@@ -105,7 +100,4 @@ class RepVGG(_RepBackbone):
         super().__init__(init_cfg)
         self._setup(build_classifier(arch, rep, num_classes=0, variant=variant), out_indices, frozen_stages,
                     norm_eval, pretrained)
-
-    def _stages(self):
-        return [self.net.stem, self.net.stage1, self.net.stage2, self.net.stage3, self.net.stage4]
 

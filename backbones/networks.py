@@ -56,7 +56,29 @@ class Bottleneck(nn.Module):
         return self.relu(self.conv3(y) + identity)
 
 
-class ResNet(nn.Module):
+class Classifier(nn.Module):
+    """A stem, four stages and a GAP + FC head; ``forward_features`` gives the four stage outputs (backbones)."""
+
+    def stem_forward(self, x):
+        raise NotImplementedError  # ResNet and RepVGG below define their stems
+
+    def stages(self) -> tuple[nn.Module, ...]:
+        raise NotImplementedError
+
+    def forward_features(self, x):
+        x = self.stem_forward(x)
+        outs = []
+        for stage in self.stages():
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x):
+        x = self.forward_features(x)[-1]
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+class ResNet(Classifier):
     """ResNet / ResNeXt / wide ResNet-18 with every conv+BN swappable for a re-param block."""
 
     def __init__(self, block: type, layers: tuple[int, ...], config: RepConfig, num_classes: int = 1000,
@@ -83,20 +105,14 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes) if num_classes else None
 
-    def forward_features(self, x):
-        x = self.maxpool(self.relu(self.stem(x)))
-        outs = []
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = stage(x)
-            outs.append(x)
-        return outs
+    def stem_forward(self, x):
+        return self.maxpool(self.relu(self.stem(x)))
 
-    def forward(self, x):
-        x = self.forward_features(x)[-1]
-        return self.fc(self.avgpool(x).flatten(1))
+    def stages(self):
+        return self.layer1, self.layer2, self.layer3, self.layer4
 
 
-class RepVGG(nn.Module):
+class RepVGG(Classifier):
     """RepVGG (Ding et al., CVPR 2021): a stride-2 stem block, four stages whose first block has stride 2, GAP, FC.
     ``override_groups`` maps global layer indices (stage-0 block = 0) to conv groups (the g2/g4 models)."""
 
@@ -125,17 +141,11 @@ class RepVGG(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes) if num_classes else None
 
-    def forward_features(self, x):
-        x = self.relu(self.stem(x))
-        outs = []
-        for stage in (self.stage1, self.stage2, self.stage3, self.stage4):
-            x = stage(x)
-            outs.append(x)
-        return outs
+    def stem_forward(self, x):
+        return self.relu(self.stem(x))
 
-    def forward(self, x):
-        x = self.forward_features(x)[-1]
-        return self.fc(self.avgpool(x).flatten(1))
+    def stages(self):
+        return self.stage1, self.stage2, self.stage3, self.stage4
 
 
 @dataclass(frozen=True)

@@ -88,21 +88,35 @@ def make_train_step(model: nn.Module, batch: int, resolution: int, num_classes: 
 
 def probe_train_time(model: nn.Module, batch: int, resolution: int, num_classes: int, device: str = "cpu",
                      warmup: int = 2, steps: int = 5) -> Measurement:
-    step = make_train_step(model, batch, resolution, num_classes, device)
+    return probe_train_time_interleaved({"model": model}, batch, resolution, num_classes, device, warmup,
+                                        steps)["model"]
+
+
+def probe_train_time_interleaved(models: dict[str, nn.Module], batch: int, resolution: int, num_classes: int,
+                                 device: str = "cpu", warmup: int = 2, steps: int = 5) -> dict[str, Measurement]:
+    """Time several models step by step in turn (A, B, C, A, B, C, ...), so that drift of the machine (clock,
+    thermal, other load) hits every model alike; one model is the plain case."""
+    train_steps = {name: make_train_step(m, batch, resolution, num_classes, device) for name, m in models.items()}
     for _ in range(warmup):
-        step()
+        for step in train_steps.values():
+            step()
     synchronize(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return Measurement("time_per_batch", statistics.median(times), "s",
-                       f"median of {steps} timed fwd+bwd+SGD steps after {warmup} warm-up, synchronised, "
-                       f"fixed batch, {torch.get_num_threads()} threads",
-                       extra={"time_per_batch_iqr": q[2] - q[0]})
+        for name, step in train_steps.items():
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    how = (f"median of {steps} timed fwd+bwd+SGD steps after {warmup} warm-up, synchronised, fixed batch, "
+           f"{torch.get_num_threads()} threads" + (f", interleaved with {len(models) - 1} other models"
+                                                   if len(models) > 1 else ""))
+    results = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
+        results[name] = Measurement("time_per_batch", statistics.median(ts), "s", how,
+                                    extra={"time_per_batch_iqr": q[2] - q[0]})
+    return results
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------------

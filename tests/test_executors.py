@@ -1,0 +1,62 @@
+"""Executors: the local one isolates each job; the slurm one runs the same jobs as a submitit array (tested with
+submitit's local and debug executors, as submitit's own tests do; a real Slurm comes in a later issue)."""
+
+import json
+
+import pytest
+
+import suites
+from results import Store
+from runners.executors import LocalExecutor, SubmititExecutor
+from runners.jobs import plan
+
+ROWS = ["ResNet-18/None", "RepVGG-A0/RepVGG"]
+
+
+def run(executor, tmp_path, rows=ROWS):
+    url = f"sqlite:///{tmp_path}/r.sqlite"
+    store = Store(url)
+    jobs = plan(suites.get_table("table4"), "smoke", 1, rows, str(tmp_path), url, executor.name)
+    for job in jobs:
+        job.run_id = store.ensure_run(job.spec).id
+    seen = []
+    executor.run(jobs, store, lambda job, status: seen.append((job.spec.row_name, status)))
+    return store, seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["debug", "local"])
+def test_submitit_array(tmp_path, cluster):
+    store, seen = run(SubmititExecutor(tmp_path / "slurm", cluster=cluster, timeout_min=30), tmp_path)
+    assert sorted(seen) == sorted((r, "finished") for r in ROWS)
+    runs = store.runs_frame()
+    assert set(runs.status) == {"finished"} and set(runs.executor) == {"slurm"}
+    metrics = store.metrics_frame()
+    assert {"top1", "train_memory", "time_per_batch"} <= set(metrics.name)
+
+
+def test_local_executor_isolates_a_failing_job(tmp_path, monkeypatch):
+    """A job whose worker dies is recorded as failed; the next job still runs."""
+    url = f"sqlite:///{tmp_path}/r.sqlite"
+    store = Store(url)
+    jobs = plan(suites.get_table("table4"), "smoke", 1, ROWS, str(tmp_path), url)
+    jobs[0].config = {**jobs[0].config, "arch": "no_such_arch"}  # fails inside the worker
+    for job in jobs:
+        job.run_id = store.ensure_run(job.spec).id
+    seen = []
+    LocalExecutor().run(jobs, store, lambda job, status: seen.append(status))
+    assert seen == ["failed", "finished"]
+    failed = store.runs_frame().set_index("row_name").loc[ROWS[0]]
+    assert "unknown arch" in failed.error
+
+
+def test_cost_benchmark_plumbing(tmp_path):
+    from runners.cost_benchmark import main
+    out = tmp_path / "cost.json"
+    assert main(["--cell", "2x32", "--warmup", "1", "--steps", "2", "--json", str(out)]) == 0
+    [cell] = json.loads(out.read_text())
+    assert set(cell["cell"]) == {"none", "dbb", "orepa", "orepa offline_bn"}
+    assert cell["ratios"]["none"]["time_x"] == 1.0
+    assert all(m["time_s"] > 0 and m["memory_gib"] > 0 for m in cell["cell"].values())
+    assert cell["ratios"]["orepa_extra_memory_over_dbb"] is not None
+    assert main(["--cell", "bad"]) == 2
