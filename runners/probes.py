@@ -128,14 +128,19 @@ def _status_kib(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def _reset_peak_rss() -> None:
-    # Give the allocator's cached free pages back first, so that RSS is the live memory (weights, gradients,
-    # optimizer state) and the measured step's growth is its activations, not what malloc kept from the warm-up.
+def _release_free_memory() -> None:
+    """Give the allocator's cached free pages back to the kernel, so that RSS is live memory only."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+def _reset_peak_rss() -> None:
+    # RSS is then the live memory (weights, gradients, optimizer state), and the measured step's growth is its
+    # activations, not what malloc kept from the warm-up.
+    _release_free_memory()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
@@ -234,6 +239,7 @@ def _measure_step_memory(factory: ModelFactory, batch: int, resolution: int, num
         synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return peak, peak - before
+    _release_free_memory()  # a parent that already worked leaves free heap pages behind; they are not ours
     baseline = _status_kib("VmRSS") * 1024  # right after import torch (forked from a fresh job process)
     model = factory()
     step = make_train_step(model, batch, resolution, num_classes, device)
