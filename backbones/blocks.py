@@ -16,6 +16,7 @@ All multi-branch blocks are one class, :class:`MultiBranchConv`, in one of three
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +37,14 @@ SCALE_INIT = {
 TORCH_CONV_INIT_A = math.sqrt(5)  # nn.Conv2d's default init, which DBB, ACNet and RepVGG keep
 
 
-class ReparamBlock(nn.Module):
+class ReparamBlock(nn.Module, ABC):
     """A training-time block equivalent (in eval mode) to one kxk conv with bias."""
 
     geometry: ConvGeometry
 
+    @abstractmethod
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError  # the protocol's one method; every block implements it
+        """The (kernel, bias) of the conv this block equals in eval mode; differentiable."""
 
     @torch.no_grad()
     def to_deploy(self) -> nn.Conv2d:

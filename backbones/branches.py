@@ -9,6 +9,7 @@ intermediate BatchNorm (padded with its response to zero, so the chain stays exa
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -66,15 +67,16 @@ def bn_zero_response(bn: nn.BatchNorm2d) -> Tensor:
     return bn.bias.detach() - bn.running_mean * bn.weight.detach() / (bn.running_var + bn.eps).sqrt()
 
 
-class Branch(nn.Module):
+class Branch(nn.Module, ABC):
     """One linear path of a block. Subclasses define ``forward`` and ``kernel_bias``."""
 
     def __init__(self, geometry: ConvGeometry):
         super().__init__()
         self.geometry = geometry
 
+    @abstractmethod
     def kernel_bias(self) -> tuple[Tensor, Tensor | None]:
-        raise NotImplementedError  # abstract; every concrete branch below implements it
+        """The branch as one kxk conv: (kernel, bias or None)."""
 
     def scaled_kernel(self, scale: Tensor | None) -> Tensor:
         """``scale`` (per output channel, or one value) times this branch's kernel (a branch without mid norm).

@@ -7,6 +7,7 @@ Layouts follow torchvision (stride on the 3x3 of a bottleneck) and the official 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from torch import nn
@@ -56,14 +57,16 @@ class Bottleneck(nn.Module):
         return self.relu(self.conv3(y) + identity)
 
 
-class Classifier(nn.Module):
+class Classifier(nn.Module, ABC):
     """A stem, four stages and a GAP + FC head; ``forward_features`` gives the four stage outputs (backbones)."""
 
+    @abstractmethod
     def stem_forward(self, x):
-        raise NotImplementedError  # ResNet and RepVGG below define their stems
+        """The stem (and, for ResNets, the max-pool)."""
 
+    @abstractmethod
     def stages(self) -> tuple[nn.Module, ...]:
-        raise NotImplementedError
+        """The four stages, in order."""
 
     def forward_features(self, x):
         x = self.stem_forward(x)

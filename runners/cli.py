@@ -12,6 +12,7 @@ root that does not exist) prints one line and exits with code 2 before anything 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,8 @@ def _validated_run(args):
             raise BadInput(e.args[0]) from None
     if args.seeds < 1:
         raise BadInput("--seeds must be >= 1")
+    if args.executor == "slurm" and shutil.which("sbatch") is None and not args.dry_run:
+        raise BadInput("--executor slurm needs Slurm's sbatch on PATH (run on a cluster login node)")
     url = resolve_url(args.db)
     try:
         check_url(url)

@@ -37,6 +37,7 @@ def db_rows(path: Path, sql: str):
     (["table5"], "declared only"),
     (["table4", "--seeds", "0"], "--seeds must be >= 1"),
     (["report", "table99"], "unknown table"),
+    (["table4", "--executor", "slurm"], "needs Slurm's sbatch"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
