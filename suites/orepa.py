@@ -10,7 +10,7 @@ PAPER = "orepa"
 # scans and costs at 16x128x128 on CPU. Paper: the official recipe (ImageNet, 120 epochs, 4 GPUs x 64).
 SMOKE = Recipe(dataset="synthetic", resolution=32, batch=2, epochs=1, max_iters=1, cost_batch=2, cost_resolution=32,
                cost_warmup=1, cost_steps=2, latency_batch=1, throughput_batch=2)
-MINI = Recipe(dataset="digits", resolution=32, batch=32, epochs=2, lr=0.05, warmup_epochs=0.2, cost_batch=16,
+MINI = Recipe(dataset="digits", resolution=32, batch=64, epochs=2, lr=0.1, warmup_epochs=0.2, cost_batch=16,
               cost_resolution=128, cost_warmup=2, cost_steps=5, throughput_batch=16)
 PAPER_SCALE = Recipe(dataset="imagenet", resolution=224, batch=64, epochs=120, lr=0.1, warmup_epochs=5,
                      cost_batch=64, cost_resolution=224, cost_warmup=20, cost_steps=50, memory_cap_gb=64.0)
