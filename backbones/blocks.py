@@ -21,7 +21,6 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from . import algebra
 from .branches import (Conv, ConvGeometry, DepthwisePointwise, Identity, OneByOneKxK, OneByOneThenFilter)
@@ -36,15 +35,6 @@ SCALE_INIT = {
     "paper": {"origin": 0.25, "avg": 0.5, "prior": 0.0, "1x1_kxk": 0.5, "1x1": 1.0, "dw_pw": 0.5, "identity": 1.0},
 }
 TORCH_CONV_INIT_A = math.sqrt(5)  # nn.Conv2d's default init, which DBB, ACNet and RepVGG keep
-
-
-def online_kernel(block) -> Tensor:
-    """The squeezed kernel for a forward pass. In training it is recomputed in backward instead of keeping every
-    branch's intermediate kernels alive (activation checkpointing of the kernel work only): the online form's extra
-    memory is then its parameters and the one squeezed kernel per block, whatever the number of branches."""
-    if block.training and torch.is_grad_enabled():
-        return checkpoint(block.squeezed_kernel, use_reentrant=False)
-    return block.squeezed_kernel()
 
 
 class ReparamBlock(nn.Module, ABC):
@@ -157,7 +147,7 @@ class MultiBranchConv(ReparamBlock):
 
     def forward(self, x):
         if self.form == "online":
-            y = self.geometry.conv(x, online_kernel(self))
+            y = self.geometry.conv(x, self.squeezed_kernel())
         elif self.form == "linear_offline":
             y = sum(self._scaled(i, b(x), 1) for i, b in enumerate(self.branches.values()))
         else:
@@ -281,7 +271,7 @@ class OREPADeepStem(ReparamBlock):
 
     def forward(self, x):
         if self.form == "online":
-            return self.post_bn(self.geometry.conv(x, online_kernel(self)))
+            return self.post_bn(self.geometry.conv(x, self.squeezed_kernel()))
         y = F.pad(x, [3] * 4)
         for layer in self.layers:
             y = layer(y)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import algebra
+from . import algebra, lean
 
 
 @dataclass(frozen=True)
@@ -242,8 +242,7 @@ class OneByOneKxK(Branch):
         return algebra.compose_sequential(first, self.second, self.geometry.groups, first_bias)
 
     def scaled_kernel(self, scale):
-        second = self.second if scale is None else self.second * scale.reshape(-1, 1, 1, 1)
-        return algebra.compose_sequential(self.first_kernel(), second, self.geometry.groups)[0]
+        return lean.scaled_compose_1x1_kxk(self.first_kernel(), self.second, scale, self.geometry.groups)
 
 
 class DepthwisePointwise(Branch):
@@ -272,5 +271,5 @@ class DepthwisePointwise(Branch):
         return algebra.depthwise_pointwise_kernel(dw, self.pointwise, self.multiplier, self.geometry.groups, dw_bias)
 
     def scaled_kernel(self, scale):
-        pw = self.pointwise if scale is None else self.pointwise * scale.reshape(-1, 1, 1, 1)
-        return algebra.depthwise_pointwise_kernel(self.depthwise, pw, self.multiplier, self.geometry.groups)[0]
+        return lean.scaled_depthwise_pointwise(self.depthwise, self.pointwise, scale, self.multiplier,
+                                               self.geometry.groups)

@@ -149,3 +149,34 @@ def test_compose_rejects_mismatched_shapes():
     import pytest
     with pytest.raises(ValueError):
         algebra.compose_sequential(torch.randn(4, 3, 1, 1), torch.randn(5, 3, 3, 3))
+
+
+@SETTINGS
+@given(cin=dims, mid=dims, cout=dims, groups=st.sampled_from([1, 2]), k=st.sampled_from([1, 3]),
+       scaling=st.sampled_from(["vector", "scalar", "none"]))
+def test_lean_scaled_compose_matches_algebra_and_gradcheck(cin, mid, cout, groups, k, scaling):
+    from backbones import lean
+    first = torch.randn(mid * groups, cin, 1, 1, dtype=torch.float64, requires_grad=True)
+    second = torch.randn(cout * groups, mid, k, k, dtype=torch.float64, requires_grad=True)
+    scale = {"vector": torch.rand(cout * groups, dtype=torch.float64, requires_grad=True),
+             "scalar": torch.rand(1, dtype=torch.float64, requires_grad=True), "none": None}[scaling]
+    expected = algebra.compose_sequential(first, second, groups)[0] * (1 if scale is None else
+                                                                      scale.reshape(-1, 1, 1, 1))
+    assert rel_err(lean.scaled_compose_1x1_kxk(first, second, scale, groups), expected) < 1e-12
+    inputs = (first, second) + (() if scale is None else (scale,))
+    assert torch.autograd.gradcheck(lambda *a: lean.scaled_compose_1x1_kxk(a[0], a[1], a[2] if len(a) > 2 else None,
+                                                                           groups), inputs)
+
+
+@SETTINGS
+@given(c=dims, cout=dims, multiplier=st.sampled_from([1, 2, 8]), groups=st.sampled_from([1, 2]),
+       scaling=st.sampled_from(["vector", "scalar"]))
+def test_lean_scaled_depthwise_pointwise_matches_algebra_and_gradcheck(c, cout, multiplier, groups, scaling):
+    from backbones import lean
+    channels = c * groups
+    dw = torch.randn(channels * multiplier, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    pw = torch.randn(cout * groups, channels * multiplier // groups, 1, 1, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(cout * groups if scaling == "vector" else 1, dtype=torch.float64, requires_grad=True)
+    expected = algebra.depthwise_pointwise_kernel(dw, pw, multiplier, groups)[0] * scale.reshape(-1, 1, 1, 1)
+    assert rel_err(lean.scaled_depthwise_pointwise(dw, pw, scale, multiplier, groups), expected) < 1e-12
+    assert torch.autograd.gradcheck(lambda *a: lean.scaled_depthwise_pointwise(*a, multiplier, groups), (dw, pw, scale))
