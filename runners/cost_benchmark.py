@@ -31,16 +31,16 @@ REGIMES = {"paper": (64, 224), "small": (16, 128)}
 
 
 def measure_cell(arch: str, batch: int, resolution: int, warmup: int, steps: int, cap_gb: float,
-                 device: str) -> dict:
-    factories = {name: functools.partial(build_classifier, arch, rep, 1000, variant)
-                 for name, (rep, variant) in METHODS.items()}
+                 device: str, methods: list[str]) -> dict:
+    factories = {name: functools.partial(build_classifier, arch, METHODS[name][0], 1000, METHODS[name][1])
+                 for name in methods}
     memory = {name: probe_train_memory(f, batch, resolution, 1000, device, 1, cap_gb) for name, f in factories.items()}
     fitting = {name: f() for name, f in factories.items() if not memory[name].oom}
     times = probe_train_time_interleaved(fitting, batch, resolution, 1000, device, warmup, steps)
     return {name: {"memory_gib": memory[name].value, "oom": memory[name].oom, "memory_method": memory[name].method,
                    "time_s": times[name].value if name in times else None,
                    "time_iqr_s": times[name].extra["time_per_batch_iqr"] if name in times else None}
-            for name in METHODS}
+            for name in methods}
 
 
 def ratios(cell: dict) -> dict:
@@ -50,9 +50,10 @@ def ratios(cell: dict) -> dict:
         out[name] = {"time_x": m["time_s"] / base["time_s"] if m["time_s"] and base["time_s"] else None,
                      "memory_x": m["memory_gib"] / base["memory_gib"] if m["memory_gib"] and base["memory_gib"]
                      else None}
-    dbb_extra = (cell["dbb"]["memory_gib"] or 0) - (base["memory_gib"] or 0)
-    orepa_extra = (cell["orepa"]["memory_gib"] or 0) - (base["memory_gib"] or 0)
-    out["orepa_extra_memory_over_dbb"] = orepa_extra / dbb_extra if dbb_extra > 0 else None
+    if "dbb" in cell and "orepa" in cell:
+        dbb_extra = (cell["dbb"]["memory_gib"] or 0) - (base["memory_gib"] or 0)
+        orepa_extra = (cell["orepa"]["memory_gib"] or 0) - (base["memory_gib"] or 0)
+        out["orepa_extra_memory_over_dbb"] = orepa_extra / dbb_extra if dbb_extra > 0 else None
     return out
 
 
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--cell", action="append", metavar="BATCHxRES",
                         help="e.g. 16x128; repeat to sweep (default: the paper and the small regime)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="which methods (plain 'none' is always the baseline)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--cap-gb", type=float, default=20.0, help="memory cap of each CPU memory probe")
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
     results = []
     for batch, resolution in cells:
         console.print(f"[bold]{args.arch} at {batch} x {resolution}x{resolution} on {device_name(device)}")
-        cell = measure_cell(args.arch, batch, resolution, args.warmup, args.steps, args.cap_gb, device)
+        methods = ["none"] + [m for m in args.methods if m != "none"]
+        cell = measure_cell(args.arch, batch, resolution, args.warmup, args.steps, args.cap_gb, device, methods)
         r = ratios(cell)
         table = Table()
         for column in ("method", "time/step (s)", "IQR (s)", "x plain", "peak memory (GiB)", "x plain"):
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
                           f"OOM (cap {args.cap_gb:g})" if m["oom"] else f"{m['memory_gib']:.2f}",
                           "" if r[name]["memory_x"] is None else f"{r[name]['memory_x']:.2f}")
         console.print(table)
-        extra = r["orepa_extra_memory_over_dbb"]
+        extra = r.get("orepa_extra_memory_over_dbb")
         console.print(f"OREPA's extra memory / DBB's extra memory: {'n/a' if extra is None else f'{extra:.2f}'}")
         results.append({"arch": args.arch, "batch": batch, "resolution": resolution, "device": device_name(device),
                         "threads": torch.get_num_threads(), "cell": cell, "ratios": r})
