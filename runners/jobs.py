@@ -9,7 +9,7 @@ import platform
 import socket
 import subprocess
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from results import MetricRecord, RunSpec, Store
@@ -164,8 +164,3 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
     finally:
         store.close()
 
-
-def job_as_dict(job: Job) -> dict:
-    d = asdict(job)
-    d["spec"] = asdict(job.spec)
-    return d
