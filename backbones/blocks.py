@@ -129,12 +129,9 @@ class MultiBranchConv(ReparamBlock):
                 self.scale = None
         self.post_bn = nn.BatchNorm2d(g.out_channels) if post_norm else None
 
-    def _scaled(self, index: int, t: Tensor, channel_dim: int) -> Tensor:
-        if self.scale is None:
-            return t
-        shape = [1] * t.dim()
-        shape[channel_dim] = -1
-        return t * self.scale[index].reshape(shape)
+    def _scaled_map(self, index: int, y: Tensor) -> Tensor:
+        """A branch's feature map times its scale (the linear_offline form)."""
+        return y if self.scale is None else y * self.scale[index].reshape(1, -1, 1, 1)
 
     def squeezed_kernel(self) -> Tensor:
         """Sum over branches of scaling * branch kernel: the one conv of the online form (before the post BN).
@@ -149,7 +146,7 @@ class MultiBranchConv(ReparamBlock):
         if self.form == "online":
             y = self.geometry.conv(x, self.squeezed_kernel())
         elif self.form == "linear_offline":
-            y = sum(self._scaled(i, b(x), 1) for i, b in enumerate(self.branches.values()))
+            y = sum(self._scaled_map(i, b(x)) for i, b in enumerate(self.branches.values()))
         else:
             y = sum(self.norms[name](b(x)) for name, b in self.branches.items())
         return y if self.post_bn is None else self.post_bn(y)
