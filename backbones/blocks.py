@@ -228,13 +228,19 @@ class OREPA(MultiBranchConv):
 
 class OREPA1x1(MultiBranchConv):
     """OREPA's Rep-1x1 for bottleneck 1x1s: a 1x1 plus a two-layer linear 1x1 (one factor starts as the identity,
-    the larger side kept, as in the official code), scaled 1.0 and 0.5, one post BN."""
+    the larger side kept, as in the official code), scaled 1.0 and 0.5, one post BN.
 
-    def __init__(self, geometry: ConvGeometry, form: str = "online"):
+    ``scaling`` and ``post_norm`` follow the network's OREPA variant (Table 3's scalar / no scaling / no post-norm
+    apply to every OREPA block, Rep-1x1 included), so that the recorded variant describes every block that trained.
+    """
+
+    def __init__(self, geometry: ConvGeometry, form: str = "online", scaling: str = "vector",
+                 post_norm: bool = True):
         if geometry.kernel_size != 1 or geometry.groups != 1:
             raise ValueError("Rep-1x1 is a dense 1x1 conv")
         wider_out = geometry.out_channels > geometry.in_channels
-        super().__init__(geometry, ("origin", "1x1_kxk"), form=form, post_norm=form != "offline_bn", init_a=1.0,
+        super().__init__(geometry, ("origin", "1x1_kxk"), form=form, scaling=scaling,
+                         post_norm=post_norm and form != "offline_bn", init_a=1.0,
                          internal=geometry.in_channels if wider_out else geometry.out_channels,
                          first_init="eye" if wider_out else "kaiming", second_init="kaiming" if wider_out else "eye",
                          scale_init={"origin": 1.0, "1x1_kxk": 0.5})
@@ -245,11 +251,13 @@ class OREPADeepStem(ReparamBlock):
 
     ``linear_offline`` runs the three convs on the input padded by 3, each unpadded (the last with stride 2); this
     is exactly the composed 7x7 (three *padded* 3x3 convs would differ at the borders). ``offline_bn`` does the same
-    with a BN after every branch (the paper's offline stem of Figure 8).
+    with a BN after every branch (the paper's offline stem of Figure 8). ``post_norm=False`` (Table 3's "w/o
+    post-addition norm", applied network-wide) drops the stem's BN too.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 2, form: str = "online",
-                 branches: tuple[str, ...] = OREPA_BRANCHES, scaling: str = "vector", init: str = "code"):
+                 branches: tuple[str, ...] = OREPA_BRANCHES, scaling: str = "vector", init: str = "code",
+                 post_norm: bool = True):
         super().__init__()
         self.geometry = ConvGeometry(in_channels, out_channels, 7, stride, 3)
         self.form = form
@@ -258,7 +266,7 @@ class OREPADeepStem(ReparamBlock):
             OREPA(ConvGeometry(channels[i], channels[i + 1], 3, stride if i == 2 else 1, 0), branches, form,
                   scaling, post_norm=False, init=init)
             for i in range(3))
-        self.post_bn = None if form == "offline_bn" else nn.BatchNorm2d(out_channels)
+        self.post_bn = nn.BatchNorm2d(out_channels) if post_norm and form != "offline_bn" else None
 
     def squeezed_kernel(self) -> Tensor:
         kernel = self.layers[0].squeezed_kernel()
@@ -268,10 +276,11 @@ class OREPADeepStem(ReparamBlock):
 
     def forward(self, x):
         if self.form == "online":
-            return self.post_bn(self.geometry.conv(x, self.squeezed_kernel()))
-        y = F.pad(x, [3] * 4)
-        for layer in self.layers:
-            y = layer(y)
+            y = self.geometry.conv(x, self.squeezed_kernel())
+        else:
+            y = F.pad(x, [3] * 4)
+            for layer in self.layers:
+                y = layer(y)
         return y if self.post_bn is None else self.post_bn(y)
 
     def equivalent_kernel_bias(self):

@@ -121,9 +121,11 @@ def make_conv(config: RepConfig, in_channels: int, out_channels: int, kernel_siz
             if not config.deep_stem:
                 return ConvBN(geometry)
             return OREPADeepStem(in_channels, out_channels, stride, config.form, config.branches, config.scaling,
-                                 config.init)
+                                 config.init, config.post_norm)
         if kernel_size == 1:
-            return OREPA1x1(geometry, config.form) if config.rep_1x1 else ConvBN(geometry)
+            if not config.rep_1x1:
+                return ConvBN(geometry)
+            return OREPA1x1(geometry, config.form, config.scaling, config.post_norm)
         return OREPA(geometry, config.branches, config.form, config.scaling, config.post_norm, config.init)
     if kernel_size != 3:
         return ConvBN(geometry)

@@ -172,3 +172,47 @@ def test_recorded_variant_round_trips(rep, variant):
     from backbones import resolve_variant
     config = resolve_variant(rep, variant)
     assert resolve_variant(rep, config.as_dict()) == config
+
+
+def _block_description(module) -> dict:
+    """What a built re-param block really is: its scaling (from the scale parameter's shape) and whether it has
+    a post-addition BN (or branch BNs)."""
+    from backbones.blocks import MultiBranchConv, OREPADeepStem
+    if isinstance(module, OREPADeepStem):
+        inner = {_block_description(layer)["scaling"] for layer in module.layers}
+        return {"scaling": inner.pop() if len(inner) == 1 else inner, "post_norm": module.post_bn is not None}
+    assert isinstance(module, MultiBranchConv)
+    if module.scale is None:
+        scaling = "none"
+    else:
+        scaling = "vector" if module.scale.shape[1] == module.geometry.out_channels > 1 else "scalar"
+    return {"scaling": scaling, "post_norm": module.post_bn is not None}
+
+
+ORE_ARCH_PRESETS = [(arch, preset) for arch in ("resnet18", "resnet50", "resnext50_32x4d", "wrn18_1.5x")
+                    for preset in (None, *PRESETS["orepa"])]
+
+
+@pytest.mark.parametrize("arch,preset", ORE_ARCH_PRESETS, ids=[f"{a}-{p}" for a, p in ORE_ARCH_PRESETS])
+def test_orepa_variant_applies_to_every_block_it_concerns(arch, preset):
+    """The recorded config describes the model that trains: every OREPA kxk block, Rep-1x1 and deep stem carries
+    the variant's scaling and post-norm (OREPA Table 3's variants on bottleneck networks included)."""
+    from backbones.blocks import OREPA, ConvBN, OREPA1x1, OREPADeepStem
+    with torch.device("meta"):
+        model = build_classifier(arch, "orepa", num_classes=10, variant=preset)
+    config = model.config
+    seen = {OREPA: 0, OREPA1x1: 0, OREPADeepStem: 0}
+    for name, module in model.named_modules():
+        kind = type(module)
+        if kind in seen and not name.startswith("stem.layers"):  # the stem's three 3x3s compose before its BN
+            seen[kind] += 1
+            if config.form == "offline_bn":
+                assert module.post_bn is None and module.scale is None if kind is not OREPADeepStem \
+                    else module.post_bn is None, name
+                continue
+            assert _block_description(module) == {"scaling": config.scaling, "post_norm": config.post_norm}, name
+    bottleneck = arch.startswith(("resnet50", "resnext"))
+    assert (seen[OREPA1x1] > 0) == (bottleneck and config.rep_1x1)
+    assert (seen[OREPADeepStem] == 1) == config.deep_stem
+    assert isinstance(model.stem, OREPADeepStem if config.deep_stem else ConvBN)
+    assert seen[OREPA] > 0
