@@ -50,6 +50,7 @@ class Run(Base):
     params: Mapped[list[Param]] = relationship(back_populates="run", cascade="all, delete-orphan")
     metrics: Mapped[list[Metric]] = relationship(back_populates="run", cascade="all, delete-orphan")
     environment: Mapped[Environment | None] = relationship(back_populates="run", cascade="all, delete-orphan")
+    artifacts: Mapped[list[Artifact]] = relationship(back_populates="run", cascade="all, delete-orphan")
 
 
 class Param(Base):
@@ -97,3 +98,25 @@ class Environment(Base):
     host: Mapped[str] = mapped_column(String(255), nullable=False)
     platform: Mapped[str | None] = mapped_column(String(200))
     run: Mapped[Run] = relationship(back_populates="environment")
+
+
+ARTIFACT_KINDS = ("checkpoint", "log", "weights_train", "weights_deploy")
+
+
+class Artifact(Base):
+    """A file a run left on disk (machine-local path), with what verifies it: size and sha256. The final weights
+    are what downstream finetuning and quantization consume."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("run_id", "path", name="artifact_per_path"),
+                      Index("artifacts_run_id", "run_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), nullable=False)
+    kind: Mapped[str] = mapped_column(String(30), nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    epoch: Mapped[int | None] = mapped_column(Integer)
+    created_ms: Mapped[int] = mapped_column(BigInteger, nullable=False, default=now_ms)
+    run: Mapped[Run] = relationship(back_populates="artifacts")

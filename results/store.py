@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Environment, Metric, Param, Run, now_ms
+from .models import ARTIFACT_KINDS, Artifact, Environment, Metric, Param, Run, now_ms
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DEFAULT_URL = "sqlite:///results/repbench.sqlite"
@@ -222,6 +222,36 @@ class Store:
             run.status, run.ended_ms = status, now_ms()
             run.error, run.traceback, run.diverged_step = error, traceback, diverged_step
 
+    def log_artifact(self, run_id: int, kind: str, path: str, size_bytes: int, sha256: str,
+                     epoch: int | None = None) -> None:
+        """Record (or update) a file the run left: checkpoint, log, weights_train or weights_deploy."""
+        if kind not in ARTIFACT_KINDS:
+            raise ValueError(f"unknown artifact kind {kind!r}; known: {ARTIFACT_KINDS}")
+        with self.session() as s:
+            artifact = s.scalar(select(Artifact).where(Artifact.run_id == run_id, Artifact.path == path))
+            if artifact is None:
+                artifact = Artifact(run_id=run_id, path=path)
+                s.add(artifact)
+            artifact.kind, artifact.size_bytes, artifact.sha256, artifact.epoch = kind, size_bytes, sha256, epoch
+            artifact.created_ms = now_ms()
+
+    def remove_artifacts(self, run_id: int, path: str | None = None) -> None:
+        """Forget one artifact (``path``) or all of a run's (its files were removed)."""
+        with self.session() as s:
+            query = delete(Artifact).where(Artifact.run_id == run_id)
+            s.execute(query if path is None else query.where(Artifact.path == path))
+
+    def artifacts_frame(self, run_id: int | None = None, table_name: str | None = None) -> pd.DataFrame:
+        query = select(Artifact.run_id, Run.table_name, Run.row_name, Run.scale, Run.seed, Artifact.kind,
+                       Artifact.path, Artifact.size_bytes, Artifact.sha256, Artifact.epoch).join(Run)
+        if run_id is not None:
+            query = query.where(Artifact.run_id == run_id)
+        if table_name:
+            query = query.where(Run.table_name == table_name)
+        with self.engine.connect() as c:
+            return pd.DataFrame(c.execute(query.order_by(Artifact.id)).mappings().all(),
+                                columns=[col.name for col in query.selected_columns])
+
     def fail_dead_runs(self, is_alive) -> list[int]:
         """Runs left ``running`` whose process is gone (``is_alive(run) -> bool``) become ``failed``."""
         dead = []
@@ -244,7 +274,9 @@ class Store:
             return pd.DataFrame(c.execute(query.order_by(Run.id)).mappings().all(),
                                 columns=[col.name for col in query.selected_columns])
 
-    def metrics_frame(self, table_name: str | None = None) -> pd.DataFrame:
+    def metrics_frame(self, table_name: str | None = None, history: bool = False) -> pd.DataFrame:
+        """Every run's metrics; a metric stored at several steps (per-epoch top-1, loss) gives its last step's value
+        unless ``history``."""
         query = select(Metric.run_id, Run.table_name, Run.row_name, Run.scale, Run.seed, Run.status, Metric.name,
                        Metric.value, Metric.is_nan, Metric.unit, Metric.step, Metric.device, Metric.batch,
                        Metric.resolution, Metric.dtype, Metric.threads, Metric.method).join(Run)
@@ -254,6 +286,9 @@ class Store:
             frame = pd.DataFrame(c.execute(query.order_by(Metric.id)).mappings().all(),
                                  columns=[col.name for col in query.selected_columns])
         frame.loc[frame["is_nan"].astype(bool), "value"] = float("nan")
+        if not history and len(frame):
+            last = frame.groupby(["run_id", "name"])["step"].transform("max")
+            frame = frame[frame["step"] == last].reset_index(drop=True)
         return frame
 
     def environments_frame(self, table_name: str | None = None) -> pd.DataFrame:

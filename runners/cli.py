@@ -2,7 +2,8 @@
 
     run_suite list [TABLE]
     run_suite TABLE [--scale smoke|mini|paper] [--db URL] [--data-root DIR] [--executor local|slurm]
-                    [--only ROW ...] [--seeds N] [--force] [--dry-run]
+                    [--only ROW ...] [--seeds N] [--devices N] [--follow code|paper] [--artifacts DIR]
+                    [--force] [--dry-run]
     run_suite report TABLE|all [--db URL] [--format md|html] [--out DIR]
 
 Bad input (unknown table or row, a scale the table lacks, a bad --db URL, a missing external dataset or an explicit
@@ -57,7 +58,18 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--executor", default="local", choices=("local", "slurm"))
     parser.add_argument("--only", nargs="+", metavar="ROW", help="only these rows (names as in 'run_suite list')")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per row (default 1)")
-    parser.add_argument("--force", action="store_true", help="re-run finished runs too")
+    parser.add_argument("--devices", type=int, default=1, metavar="N",
+                        help="processes per run, one per device (CUDA devices, else CPU processes with gloo); the "
+                             "recipe's global batch is kept by gradient accumulation (default 1)")
+    parser.add_argument("--follow", default="code", choices=("code", "paper"),
+                        help="where the official code and the paper's text disagree (e.g. OREPA's warm-up: 5 "
+                             "iterations in the code, 5 epochs in the text), follow the code (default: it produced "
+                             "the printed numbers) or the text")
+    parser.add_argument("--artifacts", metavar="DIR",
+                        help="checkpoints, logs and final weights (default: $REPBENCH_ARTIFACTS, else "
+                             "results/artifacts/)")
+    parser.add_argument("--force", action="store_true",
+                        help="re-run finished runs too, from scratch (their old checkpoints are removed)")
     parser.add_argument("--dry-run", action="store_true", help="show the plan; run and write nothing")
     return parser
 
@@ -102,6 +114,18 @@ def _validated_run(args):
             raise BadInput(e.args[0]) from None
     if args.seeds < 1:
         raise BadInput("--seeds must be >= 1")
+    if args.devices < 1:
+        raise BadInput("--devices must be >= 1")
+    from runners.jobs import batch_plan
+    recipe = table.recipes[args.scale].following(args.follow)
+    try:
+        batch_plan(recipe, args.devices)
+    except ValueError as e:
+        raise BadInput(f"--devices {args.devices}: {table.key} at {args.scale}: {e}") from None
+    if args.devices > 1 and not args.dry_run:
+        import torch
+        if torch.cuda.is_available() and torch.cuda.device_count() < args.devices:
+            raise BadInput(f"--devices {args.devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if args.executor == "slurm" and shutil.which("sbatch") is None and not args.dry_run:
         raise BadInput("--executor slurm needs Slurm's sbatch on PATH (run on a cluster login node)")
     url = resolve_url(args.db)
@@ -112,31 +136,32 @@ def _validated_run(args):
     if args.data_root is not None and not Path(args.data_root).is_dir():
         raise BadInput(f"--data-root {args.data_root} does not exist")
     data_root = resolve_data_root(args.data_root)
+    missing = None
     try:
-        check_dataset(table.recipes[args.scale].dataset, data_root)
+        check_dataset(recipe.dataset, data_root)
     except DatasetMissing as e:
-        raise BadInput(str(e)) from None
-    return table, url, data_root
+        if not args.dry_run:
+            raise BadInput(str(e)) from None
+        missing = str(e)  # a plan is shown without the data; the note says what a real run would need
+    return table, url, data_root, missing
 
 
 def cmd_run(argv, console: Console) -> int:
     args = run_parser().parse_args(argv)
-    table, url, data_root = _validated_run(args)
+    table, url, data_root, missing = _validated_run(args)
     if not args.table.count("."):
         console.print(f"[dim]{args.table} -> {table.key}[/dim]")
     from results import Store
     from runners.executors import build_executor, run_is_alive
     from runners.jobs import plan
 
-    jobs = plan(table, args.scale, args.seeds, args.only, str(data_root), url, args.executor)
+    from runners.jobs import resolve_artifacts_root
+    jobs = plan(table, args.scale, args.seeds, args.only, str(data_root), url, args.executor, args.devices,
+                args.follow, str(resolve_artifacts_root(args.artifacts)), args.force)
     if args.dry_run:
-        view = RichTable(title=f"plan: {table.key} at {args.scale} ({len(jobs)} runs; nothing written)")
-        for column in ("row", "seed", "arch", "rep", "run key"):
-            view.add_column(column)
-        for job in jobs:
-            view.add_row(job.spec.row_name, str(job.spec.seed), job.config["arch"], job.config["rep"],
-                         job.spec.run_key[:12])
-        console.print(view)
+        console.print(_plan_view(table, args, jobs))
+        if missing:
+            console.print(f"note: {missing}")
         return 0
     try:
         store = Store(url)
@@ -178,6 +203,51 @@ def cmd_run(argv, console: Console) -> int:
                   f"Report: run_suite report {table.key}" + (f" --db {args.db}" if args.db else ""))
     store.close()
     return 1 if failed else 0
+
+
+def _plan_view(table, args, jobs) -> RichTable:
+    """The plan of a dry run: per row the batch arithmetic, lr, schedule, the switches in force and an estimate of
+    device-hours; nothing is written."""
+    from runners.data import TRAIN_IMAGES
+    recipe = table.recipes[args.scale].following(args.follow)
+    c = jobs[0].config if jobs else {}
+    switches = "; ".join(f"{k}: {v}" for k, v in recipe.switches().items())
+    view = RichTable(title=f"plan: {table.key} at {args.scale} ({len(jobs)} runs; nothing written)\n"
+                           f"devices {c.get('world_size')} (paper: {recipe.devices}), per-device batch "
+                           f"{recipe.batch}, grad accumulation {c.get('grad_accum')}, global batch "
+                           f"{c.get('global_batch')} (paper: {recipe.global_batch}), lr {recipe.lr:g}, "
+                           f"{recipe.epochs} epoch(s), {recipe.dataset} {recipe.resolution}px\n{switches}",
+                     title_justify="left")
+    for column in ("row", "seed", "arch", "rep", "steps", "device-hours (est.)", "run key"):
+        view.add_column(column)
+    images = TRAIN_IMAGES.get(recipe.dataset)
+    for job in jobs:
+        steps = recipe.epochs * (images // recipe.global_batch) if images and recipe.train_accuracy else None
+        if recipe.max_iters is not None and steps is not None:
+            steps = min(steps, recipe.max_iters)
+        view.add_row(job.spec.row_name, str(job.spec.seed), job.config["arch"], job.config["rep"],
+                     str(steps) if steps else "-", _device_hours(table, job, recipe, steps), job.spec.run_key[:12])
+    return view
+
+
+def _device_hours(table, job, recipe, steps) -> str:
+    """Paper-scale estimate: optimizer steps x the paper's printed time per step (on its devices) x its devices.
+    The time comes from a row of any table of the same paper with the same arch and rep (OREPA Table 4 prints
+    time/batch per 4 x 64 step); where none is printed there is no estimate."""
+    if not steps or recipe.dataset not in ("imagenet",):
+        return "-"
+    seconds = None
+    for other in suites.TABLES.values():
+        if other.paper != table.paper:
+            continue
+        for row in other.rows:
+            printed = row.paper.get("time_per_batch")
+            if row.arch == job.config["arch"] and row.rep == job.config["rep"] and printed and printed.value:
+                if row.name == job.spec.row_name or seconds is None:
+                    seconds = printed.value
+    if seconds is None:
+        return "-"
+    return f"{steps * seconds * recipe.devices / 3600:.0f}"
 
 
 def _summary(store, table, scale) -> RichTable:

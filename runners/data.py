@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 EXTERNAL = {"imagenet": "imagenet", "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar10": 50_000, "cifar100": 50_000}  # for plans' device-hour estimates
 NUM_CLASSES = {"synthetic": 4, "digits": 10, "imagenet": 1000, "cifar10": 10, "cifar100": 100}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -78,8 +79,9 @@ def ensure_digits(root: Path) -> Path:
     return path
 
 
-def build_datasets(name: str, root: Path, resolution: int):
-    """(train, val) torchvision datasets yielding (CHW float tensor, label)."""
+def build_datasets(name: str, root: Path, resolution: int, eval_crop: float = 0.875):
+    """(train, val) torchvision datasets yielding (CHW float tensor, label). ImageNet evaluation resizes to
+    ``resolution / eval_crop`` and centre-crops ``resolution`` (256 -> 224, as the official code)."""
     from torchvision import datasets, transforms
 
     normalize = transforms.Normalize(MEAN, STD)
@@ -87,7 +89,7 @@ def build_datasets(name: str, root: Path, resolution: int):
     if name == "imagenet":
         train_tf = transforms.Compose([transforms.RandomResizedCrop(resolution), transforms.RandomHorizontalFlip(),
                                        transforms.ToTensor(), normalize])
-        val_tf = transforms.Compose([transforms.Resize(int(resolution * 256 / 224)),
+        val_tf = transforms.Compose([transforms.Resize(round(resolution / eval_crop)),
                                      transforms.CenterCrop(resolution), transforms.ToTensor(), normalize])
         base = root / EXTERNAL[name]
         return datasets.ImageFolder(base / "train", train_tf), datasets.ImageFolder(base / "val", val_tf)

@@ -8,12 +8,15 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 from results import Store
 
 from .jobs import Job, execute
+from .launch import free_port
 
 Progress = Callable[[Job, str], None]
 
@@ -22,10 +25,14 @@ PRELOAD = ["torch", "torchvision", "mmengine.runner", "sqlalchemy", "alembic", "
            "runners.jobs", "runners.probes", "runners.train"]
 
 
-def _worker(job: Job) -> None:
+def _worker(job: Job, rank: int = 0, port: int | None = None) -> None:
     from .probes import _die_with_parent
     _die_with_parent()  # a killed run_suite takes its jobs with it; the re-run then retries them
-    execute(job)
+    if job.devices > 1:  # what torchrun would set; execute() reads it (runners/launch.py)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(job.devices), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(job.devices), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    status = execute(job)
+    sys.exit(1 if status == "failed" else 0)  # the launcher stops the other ranks of a failed run
 
 
 class LocalExecutor:
@@ -37,16 +44,41 @@ class LocalExecutor:
 
     def run(self, jobs: Iterable[Job], store: Store, progress: Progress) -> None:
         for job in jobs:
-            process = self._context.Process(target=_worker, args=(job,), name=f"repbench {job.label}")
-            process.start()
-            process.join()
-            if process.exitcode != 0:
+            port = free_port() if job.devices > 1 else None
+            processes = [self._context.Process(target=_worker, args=(job, rank, port),
+                                               name=f"repbench {job.label} rank {rank}")
+                         for rank in range(job.devices)]
+            for process in processes:
+                process.start()
+            codes = _join_group(processes)
+            bad = [(rank, code) for rank, code in enumerate(codes) if code != 0]
+            if bad:
                 run = store.get_run(job.spec.run_key)
                 if run is not None and run.status in ("scheduled", "running"):
-                    what = "killed (out of memory?)" if process.exitcode in (-9, 137) else "exited"
-                    store.finish_run(run.id, "failed", error=f"worker process {what} with code {process.exitcode}")
+                    rank, code = bad[0]
+                    what = "killed (out of memory?)" if code in (-9, 137) else "exited"
+                    where = f"rank {rank} " if job.devices > 1 else ""
+                    store.finish_run(run.id, "failed", error=f"worker process {where}{what} with code {code}")
             run = store.get_run(job.spec.run_key)
             progress(job, run.status if run else "failed")
+
+
+def _join_group(processes, poll_s: float = 0.2) -> list[int]:
+    """Wait for all ranks; as soon as one exits non-zero the others are terminated (no rank waits on a dead peer
+    until a collective times out). Returns the exit codes."""
+    while any(p.is_alive() for p in processes):
+        if any(p.exitcode not in (None, 0) for p in processes):
+            for p in processes:
+                if p.is_alive():
+                    p.terminate()
+            break
+        time.sleep(poll_s)
+    for p in processes:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in processes]
 
 
 def _submitit_entry(job: Job) -> str:

@@ -5,7 +5,7 @@ reports."""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 SCALES = ("smoke", "mini", "paper")
 
@@ -61,17 +61,35 @@ class Row:
 class Recipe:
     """How a table is measured at one scale. Accuracy: a training run through MMEngine's Runner (SGD, warm-up,
     cosine; the paper's recipe at paper scale). Cost: the probes of runners/probes.py at ``cost_batch`` x
-    ``cost_resolution``."""
+    ``cost_resolution``.
+
+    The batch is stated as the paper states it: ``batch`` images per device on ``devices`` devices, so the global
+    batch is ``batch * devices`` and ``lr`` belongs to that global batch. A run on fewer devices keeps both (gradient
+    accumulation); nothing changes the batch or the lr silently (runners/jobs.py).
+
+    Where the official code and the paper's text disagree, the recipe follows the code (it produced the printed
+    numbers) and ``paper_text`` holds the overrides that give the text's choice (``run_suite --follow paper``).
+    """
 
     dataset: str                 # synthetic | digits | imagenet | cifar10 | cifar100
     resolution: int
     batch: int                   # per device
+    devices: int = 1             # devices of the paper's recipe: global batch = batch * devices
     epochs: int = 1
-    max_iters: int | None = None  # cap on training iterations (smoke)
-    lr: float = 0.1
+    max_iters: int | None = None  # cap on optimizer steps (smoke)
+    lr: float = 0.1              # for the global batch
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0   # linear warm-up length in epochs ...
+    warmup_iters: int = 0        # ... or in optimizer steps (OREPA's code: 5 iterations; its text: 5 epochs)
+    bias_lr_mult: float = 2.0    # lr multiplier of every parameter whose name contains "bias" (BN biases included)
+    bias_lr_mult_norm: bool = True  # False: mmengine's bias_lr_mult rule, which skips norm layers
+    label_smoothing: float = 0.0
+    eval_crop: float = 0.875     # ImageNet evaluation: resize to resolution / eval_crop, centre-crop (224 of 256)
+    checkpoints: bool = True     # a checkpoint per epoch and on SIGTERM/SIGUSR2 (smoke and cost-only runs: none)
+    paper_text: tuple[tuple[str, object], ...] = ()  # overrides that follow the paper's text instead of the code
+    follows: str = "code"        # "code" or "paper": which of the two this recipe is
     cost_batch: int = 2
     cost_resolution: int = 32
     cost_warmup: int = 1
@@ -81,8 +99,42 @@ class Recipe:
     throughput_batch: int = 128
     train_accuracy: bool = True
 
+    def __post_init__(self):
+        if self.warmup_epochs and self.warmup_iters:
+            raise ValueError("a recipe warms up in epochs or in iterations, not both")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch * self.devices
+
+    def following(self, source: str) -> "Recipe":
+        """This recipe as the official code runs it (``code``) or as the paper's text describes it (``paper``)."""
+        if source not in ("code", "paper"):
+            raise ValueError(f"unknown recipe source {source!r} (code or paper)")
+        if source == "code" or not self.paper_text:
+            return self
+        return replace(self, **dict(self.paper_text), paper_text=(), follows="paper")
+
+    def switches(self) -> dict:
+        """The fidelity switches in force, for the plan and the report."""
+        warmup = (f"{self.warmup_iters} iterations" if self.warmup_iters
+                  else f"{self.warmup_epochs:g} epochs" if self.warmup_epochs else "none")
+        return {"follows": self.follows, "warmup": warmup,
+                "bias lr": f"x{self.bias_lr_mult:g}" + (" (BN biases too)" if self.bias_lr_mult_norm else ""),
+                "weight decay": f"{self.weight_decay:g} (not on biases or BN; scaling vectors decayed)",
+                "label smoothing": f"{self.label_smoothing:g}", "nesterov": self.nesterov,
+                "eval": f"resize {round(self.resolution / self.eval_crop)} + centre crop {self.resolution}"
+                        if self.dataset == "imagenet" else f"resize {self.resolution}",
+                "checkpoints": "every epoch + on SIGTERM/SIGUSR2" if self.checkpoints else "none"}
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["paper_text"] = [list(pair) for pair in self.paper_text]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        return cls(**{**d, "paper_text": tuple(tuple(pair) for pair in d.get("paper_text", ()))})
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,10 @@ def db_rows(path: Path, sql: str):
     (["table4", "--seeds", "0"], "--seeds must be >= 1"),
     (["report", "table99"], "unknown table"),
     (["table4", "--executor", "slurm"], "needs Slurm's sbatch"),
+    (["table4", "--scale", "paper", "--devices", "3", "--dry-run"], "valid counts: 1, 2, 4"),
+    (["table4", "--scale", "paper", "--devices", "8"], "valid counts: 1, 2, 4"),
+    (["table4", "--devices", "3"], "valid counts: 1, 2"),
+    (["table4", "--devices", "0"], "--devices must be >= 1"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -55,7 +55,7 @@ def store(request, tmp_path):
         url = request.getfixturevalue("postgres_url")
         s = Store(url)
         with s.engine.begin() as c:  # each test starts from an empty store
-            c.execute(text("TRUNCATE runs, params, metrics, environments RESTART IDENTITY CASCADE"))
+            c.execute(text("TRUNCATE runs, params, metrics, environments, artifacts RESTART IDENTITY CASCADE"))
     yield s
     s.close()
 
@@ -68,11 +68,11 @@ def spec(row="ResNet-18/None", seed=0, config=None):
 
 
 def test_migrations_from_empty_reach_head(store):
-    assert store.schema_revision() == "0001"
+    assert store.schema_revision() == "0002"
     tables = set(inspect(store.engine).get_table_names())
-    assert {"runs", "params", "metrics", "environments", "alembic_version"} <= tables
+    assert {"runs", "params", "metrics", "environments", "artifacts", "alembic_version"} <= tables
     store.upgrade()  # idempotent
-    assert store.schema_revision() == "0001"
+    assert store.schema_revision() == "0002"
 
 
 def test_round_trip(store):
@@ -97,6 +97,31 @@ def test_round_trip(store):
     assert store.params_of(run.id) == {"arch": "resnet18", "recipe.batch": 2, "variant.branches": ["origin"]}
     env = store.environments_frame("orepa.table4").iloc[0]
     assert env.git_commit == "abc" and bool(env.git_dirty) and env.mmcv == "2.1.0"
+
+
+def test_artifacts_and_per_epoch_metrics(store):
+    run = store.ensure_run(spec())
+    store.start_run(run.id, pid=1, host="h", executor="local")
+    store.log_metrics(run.id, [MetricRecord("top1", 40.0, "%", step=10), MetricRecord("top1", 55.5, "%", step=20),
+                               MetricRecord("train_loss", 1.5, "nats", step=20)])
+    final = store.metrics_frame("orepa.table4").set_index("name")
+    assert final.loc["top1", "value"] == 55.5 and final.loc["top1", "step"] == 20  # the last step is the result
+    history = store.metrics_frame("orepa.table4", history=True)
+    assert sorted(history[history.name == "top1"].step) == [10, 20]
+    store.log_artifact(run.id, "checkpoint", "/a/state-e1.pth", 10, "0" * 64, 1)
+    store.log_artifact(run.id, "checkpoint", "/a/state-e2.pth", 11, "1" * 64, 2)
+    store.log_artifact(run.id, "checkpoint", "/a/state-e2.pth", 12, "2" * 64, 2)  # rewritten: updated, not added
+    store.log_artifact(run.id, "weights_deploy", "/a/weights-deploy.pth", 5, "3" * 64, 2)
+    store.remove_artifacts(run.id, path="/a/state-e1.pth")
+    artifacts = store.artifacts_frame(run.id).set_index("path")
+    assert sorted(artifacts.index) == ["/a/state-e2.pth", "/a/weights-deploy.pth"]
+    assert artifacts.loc["/a/state-e2.pth", "size_bytes"] == 12 and artifacts.loc["/a/state-e2.pth", "sha256"] == "2" * 64
+    store.start_run(run.id, pid=2, host="h", executor="local")  # a retry keeps its checkpoints (it resumes)
+    assert len(store.artifacts_frame(run.id)) == 2
+    with pytest.raises(ValueError):
+        store.log_artifact(run.id, "photo", "/a/x.png", 1, "4" * 64)
+    store.remove_artifacts(run.id)
+    assert store.artifacts_frame(run.id).empty
 
 
 def test_run_keys_are_idempotent(store):
