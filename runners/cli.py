@@ -218,7 +218,7 @@ def _plan_view(table, args, jobs) -> RichTable:
                            f"{c.get('global_batch')} (paper: {recipe.global_batch}), lr {recipe.lr:g}, "
                            f"{recipe.epochs} epoch(s), {recipe.dataset} {recipe.resolution}px\n{switches}",
                      title_justify="left")
-    for column in ("row", "seed", "arch", "rep", "steps", "device-hours (est.)", "run key"):
+    for column in ("row", "seed", "arch", "rep", "steps", "device-hours (est., paper GPUs)", "run key"):
         view.add_column(column)
     images = TRAIN_IMAGES.get(recipe.dataset)
     for job in jobs:

@@ -105,6 +105,9 @@ class SubmititExecutor:
         jobs = list(jobs)
         executor = submitit.AutoExecutor(folder=self.folder / "%j", cluster=self.cluster)
         executor.update_parameters(**self.parameters)  # slurm_* keys are ignored by the local/debug executors
+        devices = {job.devices for job in jobs}
+        if devices != {1}:  # one task per device; each task finds its rank in SLURM_PROCID (runners/launch.py)
+            executor.update_parameters(tasks_per_node=max(devices))
         submitted = executor.map_array(_submitit_entry, jobs)
         for job, handle in zip(jobs, submitted):
             try:

@@ -262,6 +262,10 @@ def _train(store: Store, run_id: int, job: Job, model, recipe, device: str, dist
         else:
             store.log_artifact(run_id, kind, str(path), size, sha, epoch)
 
+    def record_log() -> None:
+        if dist.is_main and log_file.is_file():
+            store.log_artifact(run_id, "log", str(log_file), log_file.stat().st_size, sha256_of(log_file), None)
+
     try:
         result = train_classifier(model, recipe, Path(job.data_root), c["seed"], device, dist, c["grad_accum"],
                                   run_dir, log, on_epoch if dist.is_main else None, on_checkpoint)
@@ -270,14 +274,16 @@ def _train(store: Store, run_id: int, job: Job, model, recipe, device: str, dist
             log(f"diverged: {e}")
             store.log_metrics(run_id, [MetricRecord("top1", float("nan"), "%", step=e.step, method=f"diverged: {e}",
                                                     **context)])
+        record_log()
         return "diverged", e.step, str(e)
     except Preempted as e:
         if dist.is_main:
             log(f"preempted: {e}")
+        record_log()
         return "failed", None, f"preempted: {e}; a re-run resumes from the checkpoint"
-    finally:
-        if dist.is_main and log_file.is_file():
-            store.log_artifact(run_id, "log", str(log_file), log_file.stat().st_size, sha256_of(log_file), None)
+    except Exception:
+        record_log()
+        raise
     if not dist.is_main:
         return "finished", None, None
     for record in result.epochs:  # epochs trained before a resume: their metrics were cleared with the retry
@@ -288,4 +294,5 @@ def _train(store: Store, run_id: int, job: Job, model, recipe, device: str, dist
                                    row=c["row"], scale=c["scale"], seed=c["seed"], variant=c["variant"])
             store.log_artifact(run_id, form, str(path), path.stat().st_size, sha256_of(path), recipe.epochs)
     log(f"finished: top-1 {result.top1:.2f}%  loss {result.train_loss:.4f}  ({result.iters} optimizer steps)")
+    record_log()
     return "finished", None, None

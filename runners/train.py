@@ -413,9 +413,10 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
                    if resume["micro_in_epoch"] else ""))
     model = ImageClassifier(net, recipe.label_smoothing).to(device)
     if dist.distributed:
-        # torch DDP's defaults as the official code uses them (buffers broadcast from rank 0); per-device BN.
+        # torch DDP's defaults, as the official code uses them (buffers synced from rank 0 every forward; MMEngine's
+        # own wrapping would turn that off); per-device BN, no SyncBN.
         model = MMDistributedDataParallel(module=model, device_ids=[dist.local_rank] if device.startswith("cuda")
-                                          else None, broadcast_buffers=True)
+                                          else None)
 
     started = time.perf_counter()
 

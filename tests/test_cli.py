@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import suites
 from runners.cli import main
 
 CHEAP_ROWS = ["ResNet-18/None", "ResNet-34/None", "RepVGG-A0/RepVGG"]
@@ -138,3 +139,57 @@ def test_smoke_table4_end_to_end(tmp_path):
     assert "n/a (scale)" in md and "n/a (regime)" in md and "Scale: smoke" in md
     html = (tmp_path / "o/orepa.table4.html").read_text()
     assert html.startswith("<!doctype html>") and "data:image/png;base64," in html and "71.21" in html
+
+
+@pytest.mark.parametrize("table", [t.key for t in suites.TABLES.values() if "paper" in t.recipes])
+def test_paper_dry_run_shows_the_recipe_without_the_dataset(table, tmp_path, monkeypatch, capsys):
+    """Every declared table's paper-scale plan: devices, per-device and global batch, lr, epochs, warm-up and the
+    switches in force, with no ImageNet on disk (a note, not an error) and nothing written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REPBENCH_DATA", str(tmp_path / "data"))
+    assert main([table, "--scale", "paper", "--dry-run"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    recipe = suites.get_table(table).recipes["paper"]
+    assert f"devices 1 (paper: {recipe.devices})" in out and f"per-device batch {recipe.batch}" in out
+    assert f"grad accumulation {recipe.devices}" in out and f"global batch {recipe.global_batch}" in out
+    assert f"lr {recipe.lr:g}" in out and f"{recipe.epochs} epoch(s)" in out
+    assert "warmup: 5 iterations" in out and "follows: code" in out and "BN biases too" in out
+    assert "note: imagenet not found" in out
+    assert not (tmp_path / "results").exists()
+    assert main([table, "--scale", "paper", "--dry-run", "--devices", "4", "--follow", "paper"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "devices 4" in out and "grad accumulation 1" in out and "warmup: 5 epochs" in out
+
+
+def test_device_hours_estimate_uses_the_printed_time(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPBENCH_DATA", str(tmp_path))
+    assert main(["table4", "--scale", "paper", "--dry-run", "--only", "ResNet-18/None"]) == 0
+    out = capsys.readouterr().out
+    steps = 120 * (1_281_167 // 256)
+    assert str(steps) in out and f"{steps * 0.086 * 4 / 3600:.0f}" in out  # 0.086 s per 4 x 64 step on 4 GPUs
+
+
+@pytest.mark.slow
+def test_devices_keep_the_global_batch_and_are_recorded(tmp_path):
+    """--devices 2 trains 2 gloo processes; --devices 1 accumulates 2 micro-batches: the same global batch, both
+    recorded as separate runs with world size, accumulation, batches and lr; the artifacts are in the database."""
+    db = tmp_path / "r.sqlite"
+    for devices in ("2", "1"):
+        out = run_cli("table4", "--only", "ResNet-18/None", "--devices", devices, "--db", f"sqlite:///{db}",
+                      "--data-root", str(tmp_path), "--artifacts", str(tmp_path / "art"), cwd=tmp_path, timeout=900)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"{devices} process(es)" in out.stdout and "epoch 1/1" in out.stdout  # progress lines (not a tty)
+    recorded = {}
+    for run_id, status in db_rows(db, "select id, status from runs"):
+        assert status == "finished"
+        params = dict(db_rows(db, f"select key, value from params where run_id = {run_id}"))
+        recorded[params["world_size"]] = {k: json.loads(params[k]) for k in (
+            "grad_accum", "per_device_batch", "global_batch", "lr", "paper_devices", "paper_global_batch")}
+    assert recorded == {"2": dict(grad_accum=1, per_device_batch=2, global_batch=4, lr=0.1, paper_devices=2,
+                                  paper_global_batch=4),
+                        "1": dict(grad_accum=2, per_device_batch=2, global_batch=4, lr=0.1, paper_devices=2,
+                                  paper_global_batch=4)}
+    artifacts = db_rows(db, "select kind, path, size_bytes, sha256 from artifacts")
+    assert sorted(kind for kind, *_ in artifacts) == ["log", "log"]  # smoke: no checkpoints, no weights
+    for _, path, size, sha in artifacts:
+        assert Path(path).stat().st_size == size and len(sha) == 64 and str(tmp_path / "art") in path

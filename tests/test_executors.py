@@ -60,3 +60,26 @@ def test_cost_benchmark_plumbing(tmp_path):
     assert all(m["time_s"] > 0 and m["memory_gib"] > 0 for m in cell["cell"].values())
     assert cell["ratios"]["orepa_extra_memory_over_dbb"] is not None
     assert main(["--cell", "bad"]) == 2
+
+
+def _exit_with(code, delay):
+    import sys
+    import time
+    time.sleep(delay)
+    sys.exit(code)
+
+
+def test_one_failing_rank_stops_the_group():
+    """A rank that dies takes its peers down at once, instead of leaving them waiting in a collective."""
+    import multiprocessing as mp
+    import time
+
+    from runners.executors import _join_group
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=_exit_with, args=(0, 120)), context.Process(target=_exit_with, args=(1, 0))]
+    for p in processes:
+        p.start()
+    start = time.perf_counter()
+    codes = _join_group(processes, poll_s=0.05)
+    assert time.perf_counter() - start < 60
+    assert codes[1] == 1 and codes[0] not in (0, None)
