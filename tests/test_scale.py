@@ -38,8 +38,11 @@ def write_imagefolder(root: Path, train: int, val: int, classes: int = 3, size: 
     return root
 
 
-def small_bn_net(seed: int = 0, dtype=torch.float64) -> nn.Module:
+def small_bn_net(seed: int = 0, dtype=torch.float64, kind: str = "small") -> nn.Module:
     torch.manual_seed(seed)
+    if kind == "orepa":  # every OREPA block kind: deep stem, online kxk blocks, scaling vectors
+        from backbones import build_classifier
+        return build_classifier("resnet18", "orepa", num_classes=3).to(dtype)
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
                          nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).to(dtype)
@@ -49,14 +52,14 @@ RECIPE = Recipe(dataset="synthetic", resolution=8, batch=4, devices=2, epochs=1,
                 weight_decay=1e-4, checkpoints=False)
 
 
-def _train_rank(rank: int, world: int, accum: int, port: int, root: str, out: str) -> None:
+def _train_rank(rank: int, world: int, accum: int, port: int, root: str, out: str, kind: str) -> None:
     from runners.launch import destroy_process_group, init_process_group
     from runners.train import train_classifier
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist = DistEnv(rank, world, rank, world)
     init_process_group(dist, "cpu", timeout_s=120)
-    net = small_bn_net()
+    net = small_bn_net(kind=kind)
     result = train_classifier(net, RECIPE, Path(root), seed=3, device="cpu", dist=dist, grad_accum=accum)
     if rank == 0:
         torch.save({"params": {k: v.detach().clone() for k, v in net.named_parameters()},
@@ -64,10 +67,10 @@ def _train_rank(rank: int, world: int, accum: int, port: int, root: str, out: st
     destroy_process_group()
 
 
-def _run_group(world: int, accum: int, root: Path, out: Path) -> dict:
+def _run_group(world: int, accum: int, root: Path, out: Path, kind: str) -> dict:
     context = mp.get_context("spawn")
     port = free_port()
-    processes = [context.Process(target=_train_rank, args=(r, world, accum, port, str(root), str(out)))
+    processes = [context.Process(target=_train_rank, args=(r, world, accum, port, str(root), str(out), kind))
                  for r in range(world)]
     for p in processes:
         p.start()
@@ -78,14 +81,15 @@ def _run_group(world: int, accum: int, root: Path, out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_accumulating(tmp_path):
+@pytest.mark.parametrize("kind", ["small", "orepa"])
+def test_two_process_ddp_equals_one_process_accumulating(tmp_path, kind):
     """The paper's protocol: one optimizer step of 2 processes x batch 4 (gloo DDP, per-device BN) gives the same
     parameters as 1 process accumulating the same two micro-batches of 4 (float64, rel err <= 1e-10); validation
     over 2 processes counts each of the 7 validation images exactly once (no padded duplicate)."""
     write_imagefolder(tmp_path, train=8, val=7)
-    ddp = _run_group(2, 1, tmp_path, tmp_path / "ddp.pt")
-    accumulated = _run_group(1, 2, tmp_path, tmp_path / "acc.pt")
-    start = dict(small_bn_net().named_parameters())
+    ddp = _run_group(2, 1, tmp_path, tmp_path / "ddp.pt", kind)
+    accumulated = _run_group(1, 2, tmp_path, tmp_path / "acc.pt", kind)
+    start = dict(small_bn_net(kind=kind).named_parameters())
     assert ddp["params"].keys() == accumulated["params"].keys()
     for name, value in ddp["params"].items():
         reference = accumulated["params"][name]
