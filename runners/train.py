@@ -335,7 +335,9 @@ class TrainState(Hook):
                      "optimizer": runner.optim_wrapper.state_dict(),
                      "schedulers": [s.state_dict() for s in runner.param_schedulers],
                      "epoch": epoch, "iter": iteration, "micro_in_epoch": micro, "epoch_seconds": epoch_seconds,
-                     "loss_sum": self.loss_sum, "loss_count": self.loss_count, "history": self.history,
+                     # the running loss of a partly trained epoch; an epoch-end state starts the next at zero
+                     "loss_sum": self.loss_sum if micro else 0.0, "loss_count": self.loss_count if micro else 0,
+                     "history": self.history,
                      "rng": _rng_state()}
             path, size, sha = write_checkpoint(state, self.folder, name)
             for old in checkpoints_in(self.folder)[KEEP_CHECKPOINTS:]:

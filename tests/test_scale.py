@@ -183,7 +183,8 @@ TRAINER = textwrap.dedent("""
         print("PREEMPTED", e, flush=True)
         sys.exit(3)
     torch.save({{"params": {{k: v.detach().clone() for k, v in model.named_parameters()}},
-                "top1": result.top1, "loss": result.train_loss, "epochs": len(result.epochs)}}, out)
+                "top1": result.top1, "loss": result.train_loss, "epochs": len(result.epochs),
+                "history": [(r["epoch"], r["step"], r["train_loss"], r["top1"]) for r in result.epochs]}}, out)
 """)
 CKPT_RECIPE = Recipe(dataset="synthetic", resolution=8, batch=2, devices=1, epochs=4, lr=0.05, warmup_epochs=0.5,
                      checkpoints=True)
@@ -249,5 +250,6 @@ def test_kill_resume_truncate_and_preempt_end_like_an_uninterrupted_run(tmp_path
 
     for other in (resumed, preempted):
         assert other["top1"] == ref["top1"] and other["loss"] == ref["loss"]
+        assert other["history"] == ref["history"]  # every epoch's loss and top-1, not only the last
         for name, value in ref["params"].items():
             assert torch.equal(other["params"][name], value), name
