@@ -360,6 +360,20 @@ def _device_of(runner) -> torch.device:
     return next(_unwrap(runner.model).parameters()).device
 
 
+def optim_wrapper_cfg(recipe, grad_accum: int = 1) -> dict:
+    """SGD as the recipe says, accumulating ``grad_accum`` micro-batches per step. OREPA's code: every parameter whose
+    name contains "bias" gets lr x2 and no decay, BN weights no decay, everything else (scaling vectors included) is
+    decayed; mmengine's own ``bias_lr_mult`` would skip the BN biases (``bias_lr_mult_norm=False`` selects it)."""
+    paramwise = dict(norm_decay_mult=0.0, bias_decay_mult=0.0)
+    if recipe.bias_lr_mult_norm:
+        paramwise["custom_keys"] = {"bias": dict(lr_mult=recipe.bias_lr_mult, decay_mult=0.0)}
+    else:
+        paramwise["bias_lr_mult"] = recipe.bias_lr_mult
+    return dict(optimizer=dict(type="SGD", lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                               nesterov=recipe.nesterov),
+                accumulative_counts=grad_accum, paramwise_cfg=paramwise)
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 
 def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, device: str = "cpu",
@@ -396,14 +410,6 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
                        eta_min=0.0)]
     if warmup > 0:
         schedulers.insert(0, dict(type="LinearLR", start_factor=1e-3, begin=0, end=warmup, by_epoch=False))
-    # OREPA's code: every name containing "bias" gets lr x2 and no decay, BN weights no decay (norm_decay_mult);
-    # mmengine's own bias_lr_mult would skip the BN biases.
-    paramwise = dict(norm_decay_mult=0.0, bias_decay_mult=0.0)
-    if recipe.bias_lr_mult_norm:
-        paramwise["custom_keys"] = {"bias": dict(lr_mult=recipe.bias_lr_mult, decay_mult=0.0)}
-    else:
-        paramwise["bias_lr_mult"] = recipe.bias_lr_mult
-
     folder = resume = None
     if run_dir is not None and recipe.checkpoints:
         folder = Path(run_dir) / "checkpoints"
@@ -443,10 +449,7 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
         val_evaluator=[Top1()],
         train_cfg=dict(by_epoch=True, max_epochs=recipe.epochs, val_interval=1),
         val_cfg=dict(),
-        optim_wrapper=dict(
-            optimizer=dict(type="SGD", lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
-                           nesterov=recipe.nesterov),
-            accumulative_counts=grad_accum, paramwise_cfg=paramwise),
+        optim_wrapper=optim_wrapper_cfg(recipe, grad_accum),
         param_scheduler=schedulers,
         default_hooks=dict(checkpoint=None, param_scheduler=None,
                            logger=dict(type="LoggerHook", interval=50, log_metric_by_epoch=True)),

@@ -253,3 +253,74 @@ def test_kill_resume_truncate_and_preempt_end_like_an_uninterrupted_run(tmp_path
         assert other["history"] == ref["history"]  # every epoch's loss and top-1, not only the last
         for name, value in ref["params"].items():
             assert torch.equal(other["params"][name], value), name
+
+
+@pytest.mark.parametrize("bn_biases", [True, False])
+def test_official_lr_and_decay_rules(bn_biases):
+    """OREPA's code: lr x2 on every parameter named "bias" (BN biases too), no decay on biases or BN weights, decay
+    on everything else, the scaling vectors included; the mmengine rule (skipping BN biases) is the alternative."""
+    from mmengine.optim import build_optim_wrapper
+
+    from backbones import build_classifier
+    from runners.train import optim_wrapper_cfg
+    recipe = replace(RECIPE, lr=0.1, weight_decay=1e-4, bias_lr_mult_norm=bn_biases)
+    model = build_classifier("resnet50", "orepa", num_classes=10)
+    wrapper = build_optim_wrapper(model, optim_wrapper_cfg(recipe, grad_accum=3))
+    assert wrapper._accumulative_counts == 3
+    by_param = {id(p): g for g in wrapper.optimizer.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    kinds = {"bn_bias": "layer1.0.conv2.post_bn.bias", "bn_weight": "layer1.0.conv2.post_bn.weight",
+             "fc_bias": "fc.bias", "scale": "layer1.0.conv2.scale", "rep1x1_scale": "layer1.0.conv1.scale",
+             "conv": "layer1.0.conv2.branches.origin.weight", "stem_scale": "stem.layers.0.scale"}
+    group = {kind: by_param[id(names[name])] for kind, name in kinds.items()}
+    assert group["bn_bias"]["lr"] == pytest.approx(0.2 if bn_biases else 0.1)
+    assert group["fc_bias"]["lr"] == pytest.approx(0.2)
+    assert group["bn_bias"]["weight_decay"] == 0 and group["fc_bias"]["weight_decay"] == 0
+    assert group["bn_weight"]["weight_decay"] == 0 and group["bn_weight"]["lr"] == pytest.approx(0.1)
+    for kind in ("scale", "rep1x1_scale", "conv", "stem_scale"):
+        assert group[kind]["weight_decay"] == pytest.approx(1e-4) and group[kind]["lr"] == pytest.approx(0.1), kind
+
+
+@pytest.mark.slow
+def test_a_checkpointing_run_records_its_artifacts_and_force_starts_over(tmp_path):
+    """Through the job entry point: a 2-epoch run with checkpoints stores per-epoch top-1 and loss with their step,
+    and records its checkpoints, log and final weights (train and deploy form, loadable strictly) with size and
+    sha256; a fresh (--force) run removes the old checkpoints before it starts."""
+    from backbones import build_classifier, deploy, load_checkpoint
+    from results import Store
+    from runners.jobs import execute, plan
+    from runners.train import sha256_of
+    from suites.base import Row, Table
+
+    write_imagefolder(tmp_path, train=8, val=4, size=32)
+    recipe = Recipe(dataset="synthetic", resolution=32, batch=2, devices=2, epochs=2, warmup_iters=1,
+                    cost_resolution=32, cost_steps=1, latency_batch=1, throughput_batch=2)
+    table = Table("orepa", "tiny", "tiny", "test", ("top1",), (Row("R/None", "resnet18", "none"),),
+                  {"mini": recipe})
+    url = f"sqlite:///{tmp_path}/r.sqlite"
+    store = Store(url)
+    (job,) = plan(table, "mini", 1, None, str(tmp_path), url, devices=1, artifacts_root=str(tmp_path / "art"))
+    job.run_id = store.ensure_run(job.spec).id
+    assert job.config["grad_accum"] == 2 and job.config["global_batch"] == 4
+    assert execute(job) == "finished"
+    history = store.metrics_frame("orepa.tiny", history=True)
+    assert sorted(history[history.name == "top1"].step) == [2, 4]  # 2 optimizer steps per epoch
+    assert sorted(history[history.name == "train_loss"].step) == [2, 4]
+    artifacts = store.artifacts_frame(job.run_id)
+    assert sorted(artifacts.kind) == ["checkpoint", "checkpoint", "log", "weights_deploy", "weights_train"]
+    for artifact in artifacts.itertuples():
+        path = Path(artifact.path)
+        assert path.parent.is_relative_to(job.run_dir) and path.stat().st_size == artifact.size_bytes
+        assert sha256_of(path) == artifact.sha256
+    weights = dict(zip(artifacts.kind, artifacts.path))
+    load_checkpoint(build_classifier("resnet18", "none", 4), weights["weights_train"])
+    load_checkpoint(deploy(build_classifier("resnet18", "none", 4)), weights["weights_deploy"])
+    old = sorted((job.run_dir / "checkpoints").glob("state-*.pth"))
+    marker = job.run_dir / "checkpoints" / "state-e0009-s000000099.pth"  # would be resumed from, if kept
+    marker.write_bytes(b"stale")
+    job.fresh = True
+    assert execute(job) == "finished"
+    assert not marker.exists() and "resuming" not in (job.run_dir / "run.log").read_text()
+    assert sorted(p.name for p in (job.run_dir / "checkpoints").glob("state-*.pth")) == [p.name for p in old]
+    assert len(store.artifacts_frame(job.run_id)) == 5
+    store.close()
