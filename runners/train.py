@@ -25,7 +25,6 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -440,7 +439,8 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
 
     state_hook = TrainState(dist, grad_accum, steps_per_epoch, total, folder, resume, report,
                             on_checkpoint if dist.is_main else None)
-    work_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="repbench-run-"))
+    scratch = None if run_dir is not None else tempfile.TemporaryDirectory(prefix="repbench-run-")
+    work_dir = Path(run_dir) if run_dir is not None else Path(scratch.name)
     runner = Runner(
         model=model,
         work_dir=str(work_dir / "mmengine"),
@@ -465,14 +465,12 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
     if resume is None:
         log(f"training {recipe.epochs} epoch(s) x {steps_per_epoch} steps: {dist.world_size} process(es) x "
             f"{grad_accum} micro-batch(es) x {recipe.batch} = global batch {global_batch}, lr {recipe.lr:g}")
-    runner.train()
+    try:
+        runner.train()
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     last = state_hook.history[-1]
     return TrainResult(top1=last["top1"], train_loss=last["train_loss"], iters=total, val_images=last["val_images"],
                        epochs=state_hook.history, resumed_from=resume["epoch"] if resume else None)
 
-
-def console_log(prefix: str) -> Callable[[str], None]:
-    """Progress lines on stdout (flushed), prefixed with the run's label."""
-    def log(line: str) -> None:
-        print(f"{prefix}: {line}", file=sys.stdout, flush=True)
-    return log
