@@ -22,7 +22,7 @@ Progress = Callable[[Job, str], None]
 
 # Preloaded once by the fork server, so that each job starts in milliseconds, not seconds.
 PRELOAD = ["torch", "torchvision", "mmengine.runner", "sqlalchemy", "alembic", "backbones", "results", "suites",
-           "runners.jobs", "runners.probes", "runners.train"]
+           "runners.jobs", "runners.launch", "runners.probes", "runners.train"]
 
 
 def _worker(job: Job, rank: int = 0, port: int | None = None) -> None:

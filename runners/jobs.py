@@ -173,6 +173,7 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
             _measure_costs(store, run_id, factory, recipe, c, device)
         status, diverged_step, error = "finished", None, None
         if "top1" in c["metrics"] and recipe.train_accuracy:
+            torch.manual_seed(c["seed"])  # the initial weights do not depend on which probes ran before
             status, diverged_step, error = _train(store, run_id, job, factory(), recipe, device, dist)
         if dist.is_main:
             store.finish_run(run_id, status, error=error, diverged_step=diverged_step)

@@ -75,16 +75,21 @@ def cpus_available() -> int:
         return os.cpu_count() or 1
 
 
-def loader_settings(dist: DistEnv, device: str) -> dict:
+def loader_settings(dist: DistEnv, device: str, dataset: str) -> dict:
     """DataLoader workers, pinned memory and prefetch from the CPUs this process may use: one CPU stays with the
-    training process, the rest (at most 8) load data. Under Slurm the allocation is per task already."""
+    training process, the rest (at most 8) decode images. Under Slurm the allocation is per task already. The small
+    generated datasets (smoke's synthetic images, mini's digits) load in the process itself: starting workers would
+    cost more than decoding a few hundred 32x32 PNGs."""
+    from .data import EXTERNAL
     cpus = cpus_available()
     if "SLURM_CPUS_PER_TASK" not in os.environ:
         cpus = max(1, cpus // dist.local_world_size)
-    workers = min(8, cpus - 1)
+    workers = min(8, cpus - 1) if dataset in EXTERNAL else 0
     settings = dict(num_workers=workers, pin_memory=device.startswith("cuda"))
     if workers:
-        settings["prefetch_factor"] = 2
+        # fork, as PyTorch does by default on Linux: a job process started by a forkserver would otherwise start
+        # its own forkserver (a fresh interpreter importing torch) for the workers
+        settings.update(prefetch_factor=2, multiprocessing_context="fork")
     return settings
 
 

@@ -397,7 +397,7 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
         val_set = Subset(val_set, range(min(len(val_set), recipe.batch * dist.world_size * 2)))
     sampler = StepSampler(len(train_set), recipe.batch, dist.world_size, dist.rank, grad_accum, seed,
                           recipe.max_iters)
-    loader = loader_settings(dist, device)
+    loader = loader_settings(dist, device, recipe.dataset)
     train_loader = DataLoader(train_set, batch_size=recipe.batch, sampler=sampler, drop_last=True, **loader)
     val_loader = DataLoader(val_set, batch_size=max(recipe.batch, 64), **loader,
                             sampler=DefaultSampler(val_set, shuffle=False, round_up=True))

@@ -147,11 +147,15 @@ def test_launcher_agnostic_rank_discovery():
 def test_loader_settings_follow_the_cpus_the_process_may_use(monkeypatch):
     from runners.launch import loader_settings
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
-    assert loader_settings(DistEnv(0, 4, 0, 4), "cuda:0") == dict(num_workers=5, pin_memory=True, prefetch_factor=2)
+    assert loader_settings(DistEnv(0, 4, 0, 4), "cuda:0", "imagenet") == dict(
+        num_workers=5, pin_memory=True, prefetch_factor=2, multiprocessing_context="fork")
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert loader_settings(DistEnv(0, 2, 0, 2), "cpu", "imagenet")["num_workers"] == 7  # 16 CPUs / 2 processes - 1
+    assert loader_settings(DistEnv(), "cpu", "imagenet")["num_workers"] == 8
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert loader_settings(DistEnv(0, 2, 0, 2), "cpu") == dict(num_workers=0, pin_memory=False)
-    assert loader_settings(DistEnv(), "cpu")["num_workers"] == 1
+    assert loader_settings(DistEnv(0, 2, 0, 2), "cpu", "cifar10") == dict(num_workers=0, pin_memory=False)
+    assert loader_settings(DistEnv(), "cpu", "digits")["num_workers"] == 0  # generated data: no workers
 
 
 # -- checkpoints and resume ----------------------------------------------------------------------------------------
