@@ -76,7 +76,7 @@ def batch_plan(recipe, devices: int) -> dict:
 
 
 def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, db_url: str,
-         executor: str = "local", devices: int = 1, follow: str = "code", artifacts_root: str = "results/artifacts",
+         executor: str = "local", devices: int = 1, follow: str = "code", artifacts_root: str | None = None,
          fresh: bool = False) -> list[Job]:
     """Jobs for ``table`` (a suites.Table) at ``scale``: every row (or ``only``) x seeds 0..seeds-1, trained by
     ``devices`` processes with the recipe as the official code (``follow="code"``) or the paper's text runs it."""
@@ -98,7 +98,8 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
             chash = config_hash(config)
             spec = RunSpec(run_key(table.key, row.name, scale, seed, chash), table.key, row.name, scale, seed, chash,
                            config)
-            jobs.append(Job(spec, config, data_root, db_url, executor, artifacts_root=str(artifacts_root),
+            jobs.append(Job(spec, config, data_root, db_url, executor,
+                            artifacts_root=str(resolve_artifacts_root(artifacts_root)),
                             fresh=fresh))
     return jobs
 

@@ -16,7 +16,8 @@ ROWS = ["ResNet-18/None", "RepVGG-A0/RepVGG"]
 def run(executor, tmp_path, rows=ROWS):
     url = f"sqlite:///{tmp_path}/r.sqlite"
     store = Store(url)
-    jobs = plan(suites.get_table("table4"), "smoke", 1, rows, str(tmp_path), url, executor.name)
+    jobs = plan(suites.get_table("table4"), "smoke", 1, rows, str(tmp_path), url, executor.name,
+                artifacts_root=str(tmp_path / "artifacts"))
     for job in jobs:
         job.run_id = store.ensure_run(job.spec).id
     seen = []
@@ -39,7 +40,8 @@ def test_local_executor_isolates_a_failing_job(tmp_path, monkeypatch):
     """A job whose worker dies is recorded as failed; the next job still runs."""
     url = f"sqlite:///{tmp_path}/r.sqlite"
     store = Store(url)
-    jobs = plan(suites.get_table("table4"), "smoke", 1, ROWS, str(tmp_path), url)
+    jobs = plan(suites.get_table("table4"), "smoke", 1, ROWS, str(tmp_path), url,
+                artifacts_root=str(tmp_path / "artifacts"))
     jobs[0].config = {**jobs[0].config, "arch": "no_such_arch"}  # fails inside the worker
     for job in jobs:
         job.run_id = store.ensure_run(job.spec).id
