@@ -44,11 +44,11 @@ def small_bn_net(seed: int = 0, dtype=torch.float64, kind: str = "small") -> nn.
         from backbones import build_classifier
         return build_classifier("resnet18", "orepa", num_classes=3).to(dtype)
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).to(dtype)
 
 
-RECIPE = Recipe(dataset="synthetic", resolution=8, batch=4, devices=2, epochs=1, max_iters=1, lr=0.1,
+RECIPE = Recipe(dataset="synthetic", resolution=8, batch=4, devices=2, epochs=2, warmup_iters=1, lr=0.1,
                 weight_decay=1e-4, checkpoints=False)
 
 
@@ -83,10 +83,11 @@ def _run_group(world: int, accum: int, root: Path, out: Path, kind: str) -> dict
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["small", "orepa"])
 def test_two_process_ddp_equals_one_process_accumulating(tmp_path, kind):
-    """The paper's protocol: one optimizer step of 2 processes x batch 4 (gloo DDP, per-device BN) gives the same
-    parameters as 1 process accumulating the same two micro-batches of 4 (float64, rel err <= 1e-10); validation
-    over 2 processes counts each of the 7 validation images exactly once (no padded duplicate)."""
-    write_imagefolder(tmp_path, train=8, val=7)
+    """The paper's protocol: optimizer steps of 2 processes x batch 4 (gloo DDP, per-device BN) give the same
+    parameters as 1 process accumulating the same two micro-batches of 4 (float64, rel err <= 1e-10) -- here 4
+    steps over 2 epochs (warm-up, momentum, cosine, bias lr x2, weight decay); validation over 2 processes counts
+    each of the 7 validation images exactly once (no padded duplicate)."""
+    write_imagefolder(tmp_path, train=16, val=7)
     ddp = _run_group(2, 1, tmp_path, tmp_path / "ddp.pt", kind)
     accumulated = _run_group(1, 2, tmp_path, tmp_path / "acc.pt", kind)
     start = dict(small_bn_net(kind=kind).named_parameters())
