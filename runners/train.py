@@ -138,7 +138,6 @@ class TrainResult:
     iters: int                    # optimizer steps
     val_images: int
     epochs: list[dict] = field(default_factory=list)  # per epoch: epoch, step, train_loss, top1, seconds
-    resumed_from: int | None = None  # the epoch a resumed run started from
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
@@ -248,12 +247,12 @@ class TrainState(Hook):
 
     priority = "VERY_LOW"
 
-    def __init__(self, dist: DistEnv, accum: int, steps_per_epoch: int, total_steps: int, folder: Path | None,
+    def __init__(self, dist: DistEnv, accum: int, steps_per_epoch: int, folder: Path | None,
                  resume: dict | None, report: Callable[[dict], None], on_checkpoint: Callable | None):
-        self.dist, self.accum, self.steps_per_epoch, self.total_steps = dist, accum, steps_per_epoch, total_steps
+        self.dist, self.accum, self.steps_per_epoch = dist, accum, steps_per_epoch
         self.folder, self.resume, self.report, self.on_checkpoint = folder, resume, report, on_checkpoint
         self.history: list[dict] = list(resume["history"]) if resume else []
-        self.loss_sum, self.loss_count, self.last_loss = 0.0, 0, float("nan")
+        self.loss_sum, self.loss_count = 0.0, 0
         self.epoch_start = time.perf_counter()
         self.signal_received = False
         self._previous_handlers = {}
@@ -297,7 +296,6 @@ class TrainState(Hook):
         step = (runner.iter + 1) // self.accum
         if not math.isfinite(loss):
             raise Diverged(math.ceil((runner.iter + 1) / self.accum), loss)
-        self.last_loss = loss
         self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
         if self.folder is None or (runner.iter + 1) % self.accum:
             return
@@ -437,7 +435,7 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
         if on_epoch and dist.is_main:
             on_epoch(record)
 
-    state_hook = TrainState(dist, grad_accum, steps_per_epoch, total, folder, resume, report,
+    state_hook = TrainState(dist, grad_accum, steps_per_epoch, folder, resume, report,
                             on_checkpoint if dist.is_main else None)
     scratch = None if run_dir is not None else tempfile.TemporaryDirectory(prefix="repbench-run-")
     work_dir = Path(run_dir) if run_dir is not None else Path(scratch.name)
@@ -472,5 +470,5 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
             scratch.cleanup()
     last = state_hook.history[-1]
     return TrainResult(top1=last["top1"], train_loss=last["train_loss"], iters=total, val_images=last["val_images"],
-                       epochs=state_hook.history, resumed_from=resume["epoch"] if resume else None)
+                       epochs=state_hook.history)
 
