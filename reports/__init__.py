@@ -4,19 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-
 from .build import build_table_report
 from .render import render_html, render_markdown
 
 
 def open_store(url: str):
-    """The store at ``url``, or None when there is no database yet (a report never creates one)."""
+    """The store at ``url``, or None when it holds no results yet; a missing SQLite file is a StoreError (a report
+    never creates a database)."""
     from results import SchemaMissing, Store
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
-            and not Path(parsed.database).exists():
-        return None
     try:
         return Store(url, migrate=False)
     except SchemaMissing:

@@ -13,6 +13,9 @@ from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Float, ForeignKey,
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 STATUSES = ("scheduled", "running", "finished", "failed", "diverged")
+# An attempt ends as its run would, or ``preempted`` (stopped by a signal after a checkpoint; the run is scheduled
+# again) or ``lost`` (its lease expired: the worker died or lost the database, and another worker took the run).
+ATTEMPT_STATUSES = ("running", "finished", "failed", "diverged", "preempted", "lost")
 
 
 def now_ms() -> int:
@@ -46,11 +49,39 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     traceback: Mapped[str | None] = mapped_column(Text)
     diverged_step: Mapped[int | None] = mapped_column(Integer)
+    # the claim (runners/claims.py): who works on the run, until when the claim holds unless renewed, last renewal
+    owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_ms: Mapped[int | None] = mapped_column(BigInteger)
+    heartbeat_ms: Mapped[int | None] = mapped_column(BigInteger)
 
     params: Mapped[list[Param]] = relationship(back_populates="run", cascade="all, delete-orphan")
     metrics: Mapped[list[Metric]] = relationship(back_populates="run", cascade="all, delete-orphan")
     environment: Mapped[Environment | None] = relationship(back_populates="run", cascade="all, delete-orphan")
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="run", cascade="all, delete-orphan")
+    attempts: Mapped[list[Attempt]] = relationship(back_populates="run", cascade="all, delete-orphan")
+
+
+class Attempt(Base):
+    """One claim of a run by one worker, kept after a retry: where it ran, how it ended, its error and traceback."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (UniqueConstraint("run_id", "attempt", name="attempt_per_run"),
+                      CheckConstraint(f"status IN {ATTEMPT_STATUSES}", name="attempt_status"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    owner: Mapped[str] = mapped_column(String(64), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    executor: Mapped[str | None] = mapped_column(String(20))
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    slurm_job_id: Mapped[str | None] = mapped_column(String(64))
+    started_ms: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    ended_ms: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    run: Mapped[Run] = relationship(back_populates="attempts")
 
 
 class Param(Base):

@@ -6,6 +6,9 @@ import fcntl
 import json
 import math
 import os
+import re
+import tempfile
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +18,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, delete, event, select, text
+from sqlalchemy import and_, create_engine, delete, event, or_, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import ARTIFACT_KINDS, Artifact, Environment, Metric, Param, Run, now_ms
+from .models import ARTIFACT_KINDS, Artifact, Attempt, Environment, Metric, Param, Run, now_ms
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DEFAULT_URL = "sqlite:///results/repbench.sqlite"
@@ -33,6 +36,19 @@ class StoreError(RuntimeError):
 
 class SchemaMissing(StoreError):
     """The database exists but holds no repbench schema (nothing was ever stored in it)."""
+
+
+class LeaseLost(StoreError):
+    """This worker no longer holds the run: its lease expired and another worker claimed it (or it was finished)."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's hold on a run: the owner token written by the claim, and which attempt it is."""
+
+    run_id: int
+    owner: str
+    attempt: int
 
 
 @dataclass
@@ -70,15 +86,71 @@ def resolve_url(url: str | None) -> str:
     return url or os.environ.get("REPBENCH_DB") or DEFAULT_URL
 
 
+def mask_url(url: str) -> str:
+    """The URL as it may be shown: any password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def split_secret(url: str) -> tuple[str, dict[str, str]]:
+    """(the URL without its password, the environment that supplies it): workers get the first in their pickled
+    job and inherit the second (libpq reads ``PGPASSWORD``), so no file the suite writes ever holds the password."""
+    parsed = make_url(url)
+    if parsed.password is None:
+        return url, {}
+    return parsed.set(password=None).render_as_string(hide_password=False), {"PGPASSWORD": str(parsed.password)}
+
+
 def check_url(url: str) -> None:
     """Validate a database URL without touching any database (so bad input writes nothing)."""
     try:
         parsed = make_url(url)
         parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as e:
-        raise StoreError(f"bad database URL {url!r}: {e}") from None
+        raise StoreError(f"bad database URL {mask_url(url)!r}: {e}".replace(url, mask_url(url))) from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise StoreError(f"unsupported database {parsed.get_backend_name()!r} in {url!r} (sqlite or postgresql)")
+        raise StoreError(f"unsupported database {parsed.get_backend_name()!r} in {mask_url(url)!r} "
+                         "(sqlite or postgresql)")
+    if parsed.get_backend_name() == "sqlite" and (parsed.database in (None, "", ":memory:")
+                                                  or "memory" in str(parsed.query.get("mode", ""))):
+        raise StoreError(f"{url} is an in-memory database: the results would vanish with the process (and each "
+                         "worker would see its own); give a file, e.g. sqlite:///results/repbench.sqlite")
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_location(url: str, must_exist: bool = False) -> None:
+    """For an SQLite file: that it can be opened as a results database, checked without writing anything. The file
+    must be a database (or empty, or absent: then its folder must be creatable and writable); ``must_exist`` (for
+    reading) refuses an absent file."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return
+    path = Path(parsed.database)
+    if path.exists():
+        if path.is_dir():
+            raise StoreError(f"--db {path} is a folder, not a database file")
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+        if head and head != SQLITE_MAGIC:
+            raise StoreError(f"--db {path} is not an SQLite database (it holds something else)")
+        if not must_exist and not os.access(path, os.W_OK):
+            raise StoreError(f"--db {path} is not writable")
+        return
+    if must_exist:
+        raise StoreError(f"there is no database at {path} (nothing has been run into it yet)")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise StoreError(f"--db {path}: {folder} is a file, not a folder")
+    try:  # os.access says yes to root even on a read-only file system: try it (the file is gone at once)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise StoreError(f"--db {path}: cannot write in {folder} ({e.strerror})") from None
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, str]:
@@ -96,13 +168,16 @@ class Store:
     """A results database. ``Store(url)`` opens it, creating the schema (Alembic ``upgrade head``) if needed."""
 
     def __init__(self, url: str | None = None, migrate: bool = True):
-        self.url = resolve_url(url)
-        check_url(self.url)
-        parsed = make_url(self.url)
+        self._url = resolve_url(url)
+        check_url(self._url)
+        self.url = mask_url(self._url)  # for display: never the password
+        parsed = make_url(self._url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
-        if self.is_sqlite and parsed.database not in (None, "", ":memory:"):
+        if self.is_sqlite:
+            check_location(self._url, must_exist=not migrate)
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(self.url, future=True)
+        # pre-ping: a server restarted under a long run leaves dead pooled connections, not a failed run
+        self.engine = create_engine(self._url, future=True, pool_pre_ping=not self.is_sqlite)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
@@ -116,8 +191,10 @@ class Store:
             raise
         except OperationalError as e:
             self.engine.dispose()
-            raise StoreError(f"cannot open database {parsed.render_as_string(hide_password=True)}: "
-                             f"{str(e.orig).strip().splitlines()[0]}") from None
+            raise StoreError(f"cannot open database {self.url}: {_reason(e)}") from None
+        except SQLAlchemyError as e:
+            self.engine.dispose()
+            raise StoreError(f"cannot use database {self.url}: {_reason(e)}") from None
 
     # -- schema --------------------------------------------------------------------------------------------------
     def _alembic(self, connection) -> Config:
@@ -127,7 +204,18 @@ class Store:
         return config
 
     def upgrade(self) -> None:
-        """Bring the schema to the newest revision; one process at a time (file lock / advisory lock)."""
+        """Bring the schema to the newest revision; one process at a time (file lock / advisory lock). A database
+        at a revision this code does not know (written by a newer repbench) is refused before anything is written."""
+        with self.engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+            script = ScriptDirectory.from_config(self._alembic(connection))
+            known = {rev.revision for rev in script.walk_revisions()}
+            head = script.get_current_head()
+        if current is not None and current not in known:
+            raise StoreError(f"the database {self.url} is at schema revision {current}, newer than this repbench "
+                             f"knows (head {head}): update repbench to use it")
+        if current == head:
+            return
         with self._migration_lock(), self.engine.begin() as connection:
             if not self.is_sqlite:
                 connection.execute(text("SELECT pg_advisory_xact_lock(7263001)"))
@@ -140,7 +228,8 @@ class Store:
         if current is None:
             raise SchemaMissing("the database holds no repbench results yet")
         if current != head:
-            raise StoreError(f"database schema is at {current}, the code needs {head}")
+            raise StoreError(f"database {self.url} schema is at {current}, this repbench needs {head} "
+                             "('run_suite TABLE' upgrades it)")
 
     def schema_revision(self) -> str | None:
         with self.engine.connect() as connection:
@@ -148,16 +237,17 @@ class Store:
 
     @contextmanager
     def _migration_lock(self):
-        database = make_url(self.url).database
-        if not self.is_sqlite or database in (None, "", ":memory:"):
+        """SQLite: an exclusive flock on the database's folder (no lock file is left behind); PostgreSQL takes an
+        advisory lock inside the migration's transaction instead."""
+        if not self.is_sqlite:
             yield
             return
-        with open(f"{database}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        fd = os.open(Path(make_url(self._url).database).resolve().parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     @contextmanager
     def session(self):
@@ -190,20 +280,105 @@ class Store:
                 s.add(run)
             return run
 
-    def start_run(self, run_id: int, *, pid: int | None, host: str, executor: str,
-                  slurm_job_id: str | None = None) -> None:
-        """Mark a run ``running``; a retried run's partial metrics and environment are removed first, so the store
-        ends as a clean run's would."""
+    # -- claims: one worker per run (runners/claims.py holds the lease; these are its SQL) -------------------------
+    def claim(self, run_id: int, *, lease_s: float, host: str, pid: int | None, executor: str,
+              slurm_job_id: str | None = None, since_ms: int | None = None, force: bool = False) -> Claim | None:
+        """Take the run, or None if it is not to be taken: one atomic conditional UPDATE, so of any number of
+        workers trying at once exactly one gets it. Claimable: ``scheduled``; ``running`` under an expired lease
+        (its worker is gone: its attempt becomes ``lost``); ``failed`` (and with ``force`` also finished and
+        diverged) when it ended before ``since_ms`` (the start of the invocation or submission that asks, so that
+        concurrent invocations do not each redo it). A live lease is never taken. The claimed run's partial metrics
+        and environment from an earlier attempt are removed in the same transaction."""
+        now = now_ms()
+        owner = uuid.uuid4().hex
+        ended_before = Run.ended_ms < (now if since_ms is None else since_ms)
+        retry = ("failed", "finished", "diverged") if force else ("failed",)
+        claimable = or_(Run.status == "scheduled",
+                        and_(Run.status == "running", Run.lease_expires_ms < now),
+                        and_(Run.status.in_(retry), ended_before))
         with self.session() as s:
-            run = s.get(Run, run_id)
+            taken = s.execute(update(Run).where(Run.id == run_id, claimable).values(
+                status="running", owner=owner, lease_expires_ms=now + int(lease_s * 1000), heartbeat_ms=now,
+                attempt=Run.attempt + 1, pid=pid, host=host, executor=executor, slurm_job_id=slurm_job_id,
+                started_ms=now, ended_ms=None, error=None, traceback=None, diverged_step=None,
+            ).execution_options(synchronize_session=False))
+            if taken.rowcount != 1:
+                return None
+            attempt = s.scalar(select(Run.attempt).where(Run.id == run_id))
+            s.execute(update(Attempt).where(Attempt.run_id == run_id, Attempt.status == "running").values(
+                status="lost", ended_ms=now,
+                error="its lease expired (the worker died, hung or lost the database); another worker took the run"))
             s.execute(delete(Metric).where(Metric.run_id == run_id))
             s.execute(delete(Environment).where(Environment.run_id == run_id))
-            run.status, run.attempt = "running", run.attempt + 1
-            run.pid, run.host, run.executor, run.slurm_job_id = pid, host, executor, slurm_job_id
-            run.started_ms, run.ended_ms, run.error, run.traceback, run.diverged_step = now_ms(), None, None, None, None
+            s.add(Attempt(run_id=run_id, attempt=attempt, owner=owner, status="running", executor=executor,
+                          host=host, pid=pid, slurm_job_id=slurm_job_id, started_ms=now))
+        return Claim(run_id, owner, attempt)
 
-    def log_metrics(self, run_id: int, records: list[MetricRecord]) -> None:
+    def renew(self, claim: Claim, lease_s: float) -> bool:
+        """Heartbeat: extend the lease. False if the run is no longer this claim's."""
         with self.session() as s:
+            return self._renew(s, claim.run_id, claim.owner, lease_s) == 1
+
+    @staticmethod
+    def _renew(s: Session, run_id: int, owner: str, lease_s: float | None = None) -> int:
+        now = now_ms()
+        values = {"heartbeat_ms": now} | ({"lease_expires_ms": now + int(lease_s * 1000)} if lease_s else {})
+        return s.execute(update(Run).where(Run.id == run_id, Run.owner == owner, Run.status == "running")
+                         .values(**values).execution_options(synchronize_session=False)).rowcount
+
+    def _guard(self, s: Session, run_id: int, owner: str | None) -> None:
+        """Inside a write: proceed only while ``owner`` holds the run (row-locks it until the commit, so a worker
+        that lost its lease can never write into the next attempt's results)."""
+        if owner is not None and self._renew(s, run_id, owner) != 1:
+            raise LeaseLost(f"run {run_id} is no longer held by this worker (its lease expired and another worker "
+                            "took it, or it was finished)")
+
+    def expire_leases_of_dead(self, host: str, pid_alive) -> list[int]:
+        """On ``host``, a lease whose owner process is gone (``pid_alive(pid) -> bool``) expires at once: a killed
+        worker's run is claimable immediately instead of after its lease."""
+        expired = []
+        with self.session() as s:
+            for run in s.scalars(select(Run).where(Run.status == "running", Run.host == host)):
+                if run.pid is not None and not pid_alive(run.pid):
+                    s.execute(update(Run).where(Run.id == run.id, Run.owner == run.owner, Run.status == "running")
+                              .values(lease_expires_ms=0).execution_options(synchronize_session=False))
+                    expired.append(run.id)
+        return expired
+
+    def expire_lease_of_job(self, run_id: int, slurm_job_id: str) -> None:
+        """A requeued Slurm job expires the lease its earlier incarnation left (Slurm never runs one job id
+        twice at once, so that worker is gone) and can claim the run without waiting for the lease to run out."""
+        with self.session() as s:
+            s.execute(update(Run).where(Run.id == run_id, Run.status == "running", Run.slurm_job_id == slurm_job_id)
+                      .values(lease_expires_ms=0).execution_options(synchronize_session=False))
+
+    def mark_submitted(self, run_id: int, slurm_job_id: str) -> None:
+        """A scheduled run was submitted as this Slurm job (a re-invocation does not submit it again while the job
+        is queued)."""
+        with self.session() as s:
+            s.execute(update(Run).where(Run.id == run_id, Run.status.in_(("scheduled", "failed")))
+                      .values(slurm_job_id=slurm_job_id, executor="slurm")
+                      .execution_options(synchronize_session=False))
+
+    def runs(self, ids) -> dict[int, Run]:
+        with self.session() as s:
+            return {run.id: run for run in s.scalars(select(Run).where(Run.id.in_(list(ids))))}
+
+    def attempts_frame(self, table_name: str | None = None) -> pd.DataFrame:
+        query = select(Attempt.run_id, Run.table_name, Run.row_name, Run.scale, Run.seed, Attempt.attempt,
+                       Attempt.status, Attempt.owner, Attempt.executor, Attempt.host, Attempt.pid,
+                       Attempt.slurm_job_id, Attempt.started_ms, Attempt.ended_ms, Attempt.error,
+                       Attempt.traceback).join(Run)
+        if table_name:
+            query = query.where(Run.table_name == table_name)
+        with self.engine.connect() as c:
+            return pd.DataFrame(c.execute(query.order_by(Attempt.run_id, Attempt.attempt)).mappings().all(),
+                                columns=[col.name for col in query.selected_columns])
+
+    def log_metrics(self, run_id: int, records: list[MetricRecord], owner: str | None = None) -> None:
+        """Store measured values; with ``owner``, only while that claim holds the run (else LeaseLost)."""
+        with self.session() as s:
+            self._guard(s, run_id, owner)
             for r in records:
                 finite = r.value is not None and math.isfinite(r.value)
                 s.add(Metric(run_id=run_id, name=r.name, value=r.value if finite else None,
@@ -211,23 +386,36 @@ class Store:
                              batch=r.batch, resolution=r.resolution, dtype=r.dtype, threads=r.threads,
                              method=r.method))
 
-    def log_environment(self, run_id: int, env: dict) -> None:
+    def log_environment(self, run_id: int, env: dict, owner: str | None = None) -> None:
         with self.session() as s:
+            self._guard(s, run_id, owner)
             s.merge(Environment(run_id=run_id, **env))
 
     def finish_run(self, run_id: int, status: str, error: str | None = None, traceback: str | None = None,
-                   diverged_step: int | None = None) -> None:
+                   diverged_step: int | None = None, claim: Claim | None = None, attempt_status: str | None = None
+                   ) -> bool:
+        """End a run (and, with ``claim``, its attempt: only if the claim still holds it; False otherwise). A
+        preempted attempt leaves its run ``scheduled`` for the requeued job or the next invocation."""
         with self.session() as s:
-            run = s.get(Run, run_id)
-            run.status, run.ended_ms = status, now_ms()
-            run.error, run.traceback, run.diverged_step = error, traceback, diverged_step
+            query = update(Run).where(Run.id == run_id)
+            if claim is not None:
+                query = query.where(Run.owner == claim.owner, Run.status == "running")
+            ended = now_ms()
+            done = s.execute(query.values(status=status, ended_ms=ended, error=error, traceback=traceback,
+                                          diverged_step=diverged_step, lease_expires_ms=None)
+                             .execution_options(synchronize_session=False)).rowcount == 1
+            if done and claim is not None:
+                s.execute(update(Attempt).where(Attempt.run_id == run_id, Attempt.attempt == claim.attempt)
+                          .values(status=attempt_status or status, ended_ms=ended, error=error, traceback=traceback))
+        return done
 
     def log_artifact(self, run_id: int, kind: str, path: str, size_bytes: int, sha256: str,
-                     epoch: int | None = None) -> None:
+                     epoch: int | None = None, owner: str | None = None) -> None:
         """Record (or update) a file the run left: checkpoint, log, weights_train or weights_deploy."""
         if kind not in ARTIFACT_KINDS:
             raise ValueError(f"unknown artifact kind {kind!r}; known: {ARTIFACT_KINDS}")
         with self.session() as s:
+            self._guard(s, run_id, owner)
             artifact = s.scalar(select(Artifact).where(Artifact.run_id == run_id, Artifact.path == path))
             if artifact is None:
                 artifact = Artifact(run_id=run_id, path=path)
@@ -235,9 +423,10 @@ class Store:
             artifact.kind, artifact.size_bytes, artifact.sha256, artifact.epoch = kind, size_bytes, sha256, epoch
             artifact.created_ms = now_ms()
 
-    def remove_artifacts(self, run_id: int, path: str | None = None) -> None:
+    def remove_artifacts(self, run_id: int, path: str | None = None, owner: str | None = None) -> None:
         """Forget one artifact (``path``) or all of a run's (its files were removed)."""
         with self.session() as s:
+            self._guard(s, run_id, owner)
             query = delete(Artifact).where(Artifact.run_id == run_id)
             s.execute(query if path is None else query.where(Artifact.path == path))
 
@@ -252,22 +441,11 @@ class Store:
             return pd.DataFrame(c.execute(query.order_by(Artifact.id)).mappings().all(),
                                 columns=[col.name for col in query.selected_columns])
 
-    def fail_dead_runs(self, is_alive) -> list[int]:
-        """Runs left ``running`` whose process is gone (``is_alive(run) -> bool``) become ``failed``."""
-        dead = []
-        with self.session() as s:
-            for run in s.scalars(select(Run).where(Run.status == "running")):
-                if not is_alive(run):
-                    run.status, run.ended_ms = "failed", now_ms()
-                    run.error = f"process {run.pid} on {run.host} died while the run was running"
-                    dead.append(run.id)
-        return dead
-
     # -- reading (reports) ---------------------------------------------------------------------------------------
     def runs_frame(self, table_name: str | None = None) -> pd.DataFrame:
         query = select(Run.id, Run.run_key, Run.table_name, Run.row_name, Run.scale, Run.seed, Run.config_hash,
-                       Run.status, Run.attempt, Run.executor, Run.host, Run.started_ms, Run.ended_ms, Run.error,
-                       Run.diverged_step)
+                       Run.status, Run.attempt, Run.executor, Run.host, Run.pid, Run.slurm_job_id, Run.started_ms,
+                       Run.ended_ms, Run.heartbeat_ms, Run.lease_expires_ms, Run.error, Run.diverged_step)
         if table_name:
             query = query.where(Run.table_name == table_name)
         with self.engine.connect() as c:
@@ -303,6 +481,13 @@ class Store:
     def params_of(self, run_id: int) -> dict[str, object]:
         with self.session() as s:
             return {p.key: json.loads(p.value) for p in s.scalars(select(Param).where(Param.run_id == run_id))}
+
+
+def _reason(error: SQLAlchemyError) -> str:
+    """The first line of the driver's message (never the URL, so never a password)."""
+    orig = getattr(error, "orig", None) or error
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _sqlite_pragmas(dbapi_connection, _record):

@@ -3,17 +3,22 @@
     run_suite list [TABLE]
     run_suite TABLE [--scale smoke|mini|paper] [--db URL] [--data-root DIR] [--executor local|slurm]
                     [--only ROW ...] [--seeds N] [--devices N] [--follow code|paper] [--artifacts DIR]
-                    [--force] [--dry-run]
+                    [--force] [--dry-run] [--wait] [--cluster FILE] [--partition P] [--account A] [--qos Q]
+                    [--constraint C]
+    run_suite status TABLE [--scale S] [--db URL] [--wait]
     run_suite report TABLE|all [--db URL] [--format md|html] [--out DIR]
 
-Bad input (unknown table or row, a scale the table lacks, a bad --db URL, a missing external dataset or an explicit
-root that does not exist) prints one line and exits with code 2 before anything is written.
+Bad input (unknown table or row, a scale the table lacks, a bad or unusable --db, a missing external dataset or an
+explicit root that does not exist, a bad cluster file) prints one line and exits with code 2 before anything is
+written. A database password is never shown: URLs are printed masked.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,13 +28,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table as RichTable
 
 import suites
-from results import FINAL, StoreError, check_url, resolve_url
+from results import FINAL, StoreError, check_location, check_url, mask_url, resolve_url, split_secret
 
 EXIT_BAD_INPUT = 2
 
 
 class BadInput(Exception):
     """One line for the user; exit code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM reached run_suite."""
 
 
 def _table(name: str):
@@ -48,8 +57,8 @@ def list_parser() -> argparse.ArgumentParser:
 def run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_suite", description="Re-measure a paper table and store every number in the results database.",
-        epilog="Other commands: 'run_suite list [TABLE]', 'run_suite report TABLE|all'. A bare table name "
-               "(table4) means OREPA's.")
+        epilog="Other commands: 'run_suite list [TABLE]', 'run_suite status TABLE', 'run_suite report TABLE|all'. "
+               "A bare table name (table4) means OREPA's.")
     parser.add_argument("table", help="e.g. table4, orepa.table4, orepa.fig8 ('run_suite list' shows all)")
     parser.add_argument("--scale", default="smoke", choices=suites.SCALES,
                         help="smoke (default: plumbing, seconds), mini (minutes on a CPU), paper (GPUs)")
@@ -71,6 +80,24 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="re-run finished runs too, from scratch (their old checkpoints are removed)")
     parser.add_argument("--dry-run", action="store_true", help="show the plan; run and write nothing")
+    parser.add_argument("--wait", action="store_true",
+                        help="slurm: follow the submitted runs until they end (default: return after submitting)")
+    cluster = parser.add_argument_group("slurm site settings (override the cluster file)")
+    cluster.add_argument("--cluster", metavar="FILE",
+                         help="TOML file with the site's settings (default: $REPBENCH_CLUSTER); see runners/slurm.py")
+    for flag in ("partition", "account", "qos", "constraint"):
+        cluster.add_argument(f"--{flag}", help=f"Slurm {flag}")
+    return parser
+
+
+def status_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_suite status",
+                                     description="Every run of a table from the database: status, attempt, Slurm "
+                                                 "job, host, elapsed time, last heartbeat (never asks sacct).")
+    parser.add_argument("table", help="a table name (e.g. table4)")
+    parser.add_argument("--scale", choices=suites.SCALES, help="only this scale")
+    parser.add_argument("--db", help="database URL (same precedence as runs)")
+    parser.add_argument("--wait", action="store_true", help="follow until no run is queued or running")
     return parser
 
 
@@ -126,13 +153,21 @@ def _validated_run(args):
         import torch
         if torch.cuda.is_available() and torch.cuda.device_count() < args.devices:
             raise BadInput(f"--devices {args.devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if args.executor == "slurm" and shutil.which("sbatch") is None and not args.dry_run:
-        raise BadInput("--executor slurm needs Slurm's sbatch on PATH (run on a cluster login node)")
-    url = resolve_url(args.db)
-    try:
-        check_url(url)
-    except StoreError as e:
-        raise BadInput(str(e)) from None
+    url = _checked_url(args.db, must_exist=False)
+    site = None
+    if args.executor == "slurm":
+        if shutil.which("sbatch") is None and not args.dry_run:
+            raise BadInput("--executor slurm needs Slurm's sbatch on PATH (run on a cluster login node)")
+        if args.db is None and url.startswith("sqlite"):
+            raise BadInput("--executor slurm needs the database given explicitly with --db (PostgreSQL: many nodes "
+                           "writing one SQLite file over a network file system lose data)")
+        from runners.slurm import Site, slurm_parameters
+        try:
+            site = Site.load(args.cluster, partition=args.partition, account=args.account, qos=args.qos,
+                             constraint=args.constraint)
+            slurm_parameters(table.resources[args.scale], args.devices, site, "check")
+        except ValueError as e:
+            raise BadInput(str(e)) from None
     if args.data_root is not None and not Path(args.data_root).is_dir():
         raise BadInput(f"--data-root {args.data_root} does not exist")
     data_root = resolve_data_root(args.data_root)
@@ -143,21 +178,36 @@ def _validated_run(args):
         if not args.dry_run:
             raise BadInput(str(e)) from None
         missing = str(e)  # a plan is shown without the data; the note says what a real run would need
-    return table, url, data_root, missing
+    return table, url, data_root, missing, site
+
+
+def _checked_url(db: str | None, must_exist: bool) -> str:
+    """The database URL to use, checked without writing anything (exit 2 on a bad one)."""
+    url = resolve_url(db)
+    try:
+        check_url(url)
+        check_location(url, must_exist=must_exist)
+    except StoreError as e:
+        raise BadInput(str(e)) from None
+    return url
 
 
 def cmd_run(argv, console: Console) -> int:
     args = run_parser().parse_args(argv)
-    table, url, data_root, missing = _validated_run(args)
+    table, url, data_root, missing, site = _validated_run(args)
     if not args.table.count("."):
         console.print(f"[dim]{args.table} -> {table.key}[/dim]")
     from results import Store
-    from runners.executors import build_executor, run_is_alive
-    from runners.jobs import plan
+    from results.models import now_ms
+    from runners.jobs import plan, resolve_artifacts_root
 
-    from runners.jobs import resolve_artifacts_root
-    jobs = plan(table, args.scale, args.seeds, args.only, str(data_root), url, args.executor, args.devices,
-                args.follow, str(resolve_artifacts_root(args.artifacts)), args.force)
+    artifacts = resolve_artifacts_root(args.artifacts or (site.artifacts if site else None))
+    public_url, secret_env = split_secret(url)  # workers get the URL without its password, and the password in env
+    if args.executor == "slurm":  # array tasks run elsewhere, in the submission's folder: absolute paths
+        data_root, artifacts = Path(data_root).resolve(), artifacts.resolve()
+    since = now_ms()
+    jobs = plan(table, args.scale, args.seeds, args.only, str(data_root), public_url, args.executor, args.devices,
+                args.follow, str(artifacts), args.force, since_ms=since)
     if args.dry_run:
         console.print(_plan_view(table, args, jobs))
         if missing:
@@ -167,24 +217,33 @@ def cmd_run(argv, console: Console) -> int:
         store = Store(url)
     except StoreError as e:
         raise BadInput(str(e)) from None
-    dead = store.fail_dead_runs(run_is_alive)
-    if dead:
-        console.print(f"{len(dead)} run(s) left 'running' by a dead process will be retried")
-    todo = []
-    for job in jobs:
-        run = store.ensure_run(job.spec)
-        job.run_id = run.id
-        if run.status in FINAL and not args.force:
-            continue
-        todo.append(job)
-    if not todo:
-        console.print(f"nothing to do: all {len(jobs)} runs of {table.key} at {args.scale} are already done "
-                      f"(--force re-runs them; 'run_suite report {table.key}' shows them)")
-        return 0
-    console.print(f"{table.key} at {args.scale}: {len(todo)} of {len(jobs)} runs to do "
-                  f"({len(jobs) - len(todo)} already done), executor {args.executor}, database {store.url}")
+    os.environ.update(secret_env)
+    try:
+        todo = []
+        for job in jobs:
+            run = store.ensure_run(job.spec)
+            job.run_id = run.id
+            if run.status in FINAL and not args.force:
+                continue
+            todo.append(job)
+        if not todo:
+            console.print(f"nothing to do: all {len(jobs)} runs of {table.key} at {args.scale} are already done "
+                          f"(--force re-runs them; 'run_suite report {table.key}' shows them)")
+            return 0
+        console.print(f"{table.key} at {args.scale}: {len(todo)} of {len(jobs)} runs to do "
+                      f"({len(jobs) - len(todo)} already done), executor {args.executor}, database {store.url}")
+        if args.executor == "slurm":
+            return _submit(todo, store, table, args, site, console)
+        return _run_local(todo, store, table, args, console)
+    finally:
+        store.close()
+
+
+def _run_local(todo, store, table, args, console) -> int:
+    from runners.executors import LocalExecutor
+    executor = LocalExecutor()
     start = time.perf_counter()
-    statuses = {}
+    statuses, shown = {}, set()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bar:
         task = bar.add_task(todo[0].label, total=len(todo))
@@ -195,14 +254,123 @@ def cmd_run(argv, console: Console) -> int:
             following = [j for j in todo if j.spec.run_key not in statuses]
             bar.update(task, description=following[0].label if following else "done")
 
-        build_executor(args.executor).run(todo, store, progress)
+        def waiting(held):
+            key = tuple(sorted(run.id for run in held))
+            if key not in shown:
+                shown.add(key)
+                bar.console.print(f"waiting for {len(held)} run(s) held by other workers: "
+                                  + "; ".join(_holder(run) for run in held))
+
+        try:
+            with _interruptible():
+                executor.run(todo, store, progress, waiting)
+        except Interrupted:
+            bar.console.print("interrupted: stopping the workers (a training run checkpoints first) ...")
+            executor.stop()
+            console.print(f"stopped; 'run_suite {table.key} --scale {args.scale}' resumes the unfinished runs")
+            return 130
     elapsed = time.perf_counter() - start
     console.print(_summary(store, table, args.scale))
     failed = [k for k, s in statuses.items() if s == "failed"]
     console.print(f"{len(todo)} runs in {elapsed:.1f} s; {len(failed)} failed. "
-                  f"Report: run_suite report {table.key}" + (f" --db {args.db}" if args.db else ""))
-    store.close()
+                  f"Report: run_suite report {table.key}" + (f" --db {mask_url(args.db)}" if args.db else ""))
     return 1 if failed else 0
+
+
+def _submit(todo, store, table, args, site, console) -> int:
+    """Submit the runs nobody works on or has queued; return at once (``--wait``: follow them)."""
+    from runners.claims import expire_dead_local
+    from runners.executors import claimable
+    from runners.slurm import SlurmExecutor, queued_jobs
+
+    expire_dead_local(store)
+    queued = queued_jobs()
+    runs = store.runs(job.run_id for job in todo)
+    ready = [job for job in todo if claimable(runs[job.run_id], job.since_ms, job.fresh)
+             and not (runs[job.run_id].status == "scheduled" and runs[job.run_id].slurm_job_id in queued)]
+    if len(ready) < len(todo):
+        console.print(f"{len(todo) - len(ready)} run(s) already queued or running: not submitted again")
+    if ready:
+        executor = SlurmExecutor(site, table.resources[args.scale])
+        ids = executor.submit(ready, store, name=f"repbench-{table.name}-{args.scale}")
+        arrays = sorted({i.split("_")[0] for i in ids})
+        console.print(f"submitted {len(ready)} run(s) as Slurm job array(s) {', '.join(arrays)} "
+                      f"(tasks {ids[0]} .. {ids[-1]}); logs in {site.folder}")
+    db = f" --db {mask_url(args.db)}" if args.db else ""
+    if not args.wait:
+        console.print(f"follow them: run_suite status {table.key} --scale {args.scale}{db} [--wait]")
+        return 0
+    return _follow(store, table, args.scale, [job.run_id for job in todo], console)
+
+
+def _holder(run) -> str:
+    where = f"job {run.slurm_job_id} on {run.host}" if run.slurm_job_id else f"{run.host} pid {run.pid}"
+    beat = f", heartbeat {_ago(run.heartbeat_ms)} ago" if run.heartbeat_ms else ""
+    return f"{run.row_name} seed {run.seed} ({where}{beat})"
+
+
+def _ago(ms, until_ms=None) -> str:
+    """Time from ``ms`` (epoch milliseconds) to ``until_ms`` (default now), as 42s, 3m05s or 2h10m."""
+    from results.models import now_ms
+    if ms is None or ms != ms:
+        return "-"
+    until = now_ms() if until_ms is None or until_ms != until_ms else int(until_ms)
+    seconds = max(0, (until - int(ms)) // 1000)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class _interruptible:
+    """Within: SIGINT and SIGTERM raise Interrupted in the main thread (so the workers can be stopped cleanly)."""
+
+    def __enter__(self):
+        def handler(signum, frame):
+            raise Interrupted(signal.Signals(signum).name)
+        self.previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _follow(store, table, scale, run_ids, console, poll_s: float = 5.0) -> int:
+    """Follow runs until none is queued or running: a progress bar of ended runs, and a line when one ends. Exit 0
+    if every run ended finished (or diverged, a result), 1 otherwise."""
+    from runners.claims import expire_dead_local
+    from runners.slurm import queued_jobs
+
+    run_ids = list(run_ids)
+    reported: set[int] = set()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        task = bar.add_task(f"{table.key} at {scale}", total=len(run_ids))
+        try:
+            with _interruptible():
+                while True:
+                    expire_dead_local(store)
+                    runs = store.runs(run_ids)
+                    queued = queued_jobs()
+                    active = [r for r in runs.values() if r.status == "running"
+                              or (r.status == "scheduled" and r.slurm_job_id in queued)]
+                    for run in runs.values():
+                        if run not in active and run.id not in reported and run.status != "scheduled":
+                            reported.add(run.id)
+                            bar.console.print(f"{run.row_name} seed {run.seed}: {run.status}"
+                                              + (f" ({run.error})" if run.error and run.status == "failed" else ""))
+                    bar.update(task, completed=len(reported),
+                               description=f"{table.key} at {scale}: {sum(r.status == 'running' for r in active)} "
+                                           f"running, {sum(r.status == 'scheduled' for r in active)} queued")
+                    if not active:
+                        break
+                    time.sleep(poll_s)
+        except Interrupted:
+            console.print("stopped following (the jobs go on; 'run_suite status' shows them)")
+            return 130
+    statuses = [r.status for r in store.runs(run_ids).values()]
+    console.print(_status_view(store, table, scale))
+    return 0 if all(status in FINAL for status in statuses) else 1
 
 
 def _plan_view(table, args, jobs) -> RichTable:
@@ -269,17 +437,55 @@ def _summary(store, table, scale) -> RichTable:
     return view
 
 
+def _status_view(store, table, scale) -> RichTable:
+    runs = store.runs_frame(table.key)
+    if scale:
+        runs = runs[runs.scale == scale]
+    view = RichTable(title=f"{table.key}" + (f" at {scale}" if scale else "") + f" ({len(runs)} runs)",
+                     title_justify="left")
+    for column in ("row", "seed", "scale", "status", "attempt", "slurm job", "host", "elapsed", "heartbeat",
+                   "error"):
+        view.add_column(column, no_wrap=column in ("row", "slurm job"))
+    for _, run in runs.iterrows():
+        elapsed = _ago(run.started_ms, run.ended_ms)
+        beat = _ago(run.heartbeat_ms) + " ago" if run.status == "running" else "-"
+        error = (run.error or "").splitlines()[0][:80] if run.error else ""
+        view.add_row(run.row_name, str(run.seed), run.scale, run.status, str(run.attempt),
+                     run.slurm_job_id or "-", run.host or "-", elapsed, beat, error)
+    return view
+
+
+def cmd_status(argv, console: Console) -> int:
+    args = status_parser().parse_args(argv)
+    table = _table(args.table)
+    url = _checked_url(args.db, must_exist=True)
+    from results import Store
+    try:
+        store = Store(url, migrate=False)
+    except StoreError as e:
+        raise BadInput(str(e)) from None
+    try:
+        if args.wait:
+            runs = store.runs_frame(table.key)
+            ids = [int(i) for i in (runs[runs.scale == args.scale] if args.scale else runs).id]
+            return _follow(store, table, args.scale or "all scales", ids, console)
+        console.print(_status_view(store, table, args.scale))
+        return 0
+    finally:
+        store.close()
+
+
 def cmd_report(argv, console: Console) -> int:
     args = report_parser().parse_args(argv)
     tables = list(suites.TABLES.values()) if args.table == "all" else [_table(args.table)]
-    url = resolve_url(args.db)
-    try:
-        check_url(url)
-    except StoreError as e:
-        raise BadInput(str(e)) from None
+    url = _checked_url(args.db, must_exist=True)
+    out = Path(args.out)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise BadInput(f"--out {out}: {existing} is a file, not a folder")
     from reports import write_reports
     try:
-        paths = write_reports(tables, url, args.format, Path(args.out))
+        paths = write_reports(tables, url, args.format, out)
     except StoreError as e:
         raise BadInput(str(e)) from None
     for path in paths:
@@ -290,7 +496,7 @@ def cmd_report(argv, console: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console(width=None if sys.stdout.isatty() else 120)
-    commands = {"list": cmd_list, "report": cmd_report}
+    commands = {"list": cmd_list, "report": cmd_report, "status": cmd_status}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:], console)

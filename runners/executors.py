@@ -1,73 +1,138 @@
 """Executors: where jobs run. ``local`` runs them one after another, each in its own process (a crash, an OOM kill
-or a hang of one job does not stop the rest); ``slurm`` submits them as a job array through submitit."""
+or a hang of one job does not stop the rest); ``slurm`` submits them as a job array through submitit
+(runners/slurm.py). Either way a worker claims its run before working on it (runners/claims.py): a run is executed
+once however many invocations, array tasks or workers meet it."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import shutil
-import socket
-import subprocess
+import signal
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Iterable
 
-from results import Store
+from results import Claim, Store
+from results.models import now_ms
 
 from .jobs import Job, execute
 from .launch import free_port
 
-Progress = Callable[[Job, str], None]
+Progress = Callable[[Job, str], None]   # a job's run has ended here (its status)
+Waiting = Callable[[list], None]        # runs held by other workers that this invocation waits for
 
 # Preloaded once by the fork server, so that each job starts in milliseconds, not seconds.
 PRELOAD = ["torch", "torchvision", "mmengine.runner", "sqlalchemy", "alembic", "backbones", "results", "suites",
            "runners.jobs", "runners.launch", "runners.probes", "runners.train"]
 
 
+# How a worker's exit code tells the executor what became of its run (runners/jobs.py execute's status).
+EXIT_CODES = {"finished": 0, "diverged": 0, "failed": 1, "held": 3, "lost": 3, "preempted": 4}
+
+
 def _worker(job: Job, rank: int = 0, port: int | None = None) -> None:
     from .probes import _die_with_parent
     _die_with_parent()  # a killed run_suite takes its jobs with it; the re-run then retries them
+    # Ctrl-C in the terminal reaches the whole process group: run_suite alone handles it and stops its workers
+    # with SIGTERM, on which they checkpoint (runners/train.py) and record the run as preempted.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if job.devices > 1:  # what torchrun would set; execute() reads it (runners/launch.py)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(job.devices), LOCAL_RANK=str(rank),
                           LOCAL_WORLD_SIZE=str(job.devices), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    status = execute(job)
-    sys.exit(1 if status == "failed" else 0)  # the launcher stops the other ranks of a failed run
+    sys.exit(EXIT_CODES[execute(job)])
+
+
+def claimable(run, since_ms: int | None, force: bool) -> bool:
+    """Whether a claim (results.Store.claim, which decides) would take the run now: a cheap look before starting
+    a worker for it."""
+    if run.status == "scheduled":
+        return True
+    if run.status == "running":
+        return run.lease_expires_ms is not None and run.lease_expires_ms < now_ms()
+    retry = ("failed", "finished", "diverged") if force else ("failed",)
+    return run.status in retry and (run.ended_ms or 0) < (since_ms or now_ms())
 
 
 class LocalExecutor:
+    """Jobs one after another on this machine, each in its own process group of ``devices`` processes (a crash, an
+    OOM kill or a hang of one job does not stop the rest). :meth:`run` works through the jobs it may claim, then
+    waits for those that other workers hold, taking over any whose worker dies."""
+
     name = "local"
 
-    def __init__(self):
+    def __init__(self, poll_s: float = 2.0):
         self._context = mp.get_context("forkserver")
         self._context.set_forkserver_preload(PRELOAD)
+        self.poll_s = poll_s
+        self._processes: list = []
 
-    def run(self, jobs: Iterable[Job], store: Store, progress: Progress) -> None:
-        for job in jobs:
-            port = free_port() if job.devices > 1 else None
-            processes = [self._context.Process(target=_worker, args=(job, rank, port),
-                                               name=f"repbench {job.label} rank {rank}")
-                         for rank in range(job.devices)]
-            for process in processes:
-                process.start()
-            codes = _join_group(processes)
-            bad = [(rank, code) for rank, code in enumerate(codes) if code != 0]
-            if bad:
-                run = store.get_run(job.spec.run_key)
-                if run is not None and run.status in ("scheduled", "running"):
-                    rank, code = bad[0]
-                    what = "killed (out of memory?)" if code in (-9, 137) else "exited"
-                    where = f"rank {rank} " if job.devices > 1 else ""
-                    store.finish_run(run.id, "failed", error=f"worker process {where}{what} with code {code}")
-            run = store.get_run(job.spec.run_key)
-            progress(job, run.status if run else "failed")
+    def run(self, jobs: Iterable[Job], store: Store, progress: Progress, waiting: Waiting | None = None) -> None:
+        from .claims import expire_dead_local
+        pending = {job.run_id: job for job in jobs}
+        while pending:
+            expire_dead_local(store)
+            runs = store.runs(pending)
+            worked = False
+            for job in [job for run_id, job in pending.items() if claimable(runs[run_id], job.since_ms, job.fresh)]:
+                status = self._run_one(job, store)
+                if status != "held":  # held: another worker claimed it first
+                    worked = True
+                    del pending[job.run_id]
+                    progress(job, status)
+            if worked:
+                continue  # look again before waiting: a held run may have ended meanwhile
+            runs = store.runs(pending)
+            for run_id, run in runs.items():
+                if run.status != "running" and not claimable(run, pending[run_id].since_ms, pending[run_id].fresh):
+                    progress(pending.pop(run_id), run.status)  # done by another worker
+            held = [run for run in runs.values() if run.status == "running"]
+            if held and waiting is not None:
+                waiting(held)
+            if pending:
+                time.sleep(self.poll_s)
+
+    def _run_one(self, job: Job, store: Store) -> str:
+        port = free_port() if job.devices > 1 else None
+        processes = [self._context.Process(target=_worker, args=(job, rank, port),
+                                           name=f"repbench {job.label} rank {rank}")
+                     for rank in range(job.devices)]
+        self._processes = processes
+        for process in processes:
+            process.start()
+        codes = _join_group(processes)
+        self._processes = []
+        bad = [(rank, code) for rank, code in enumerate(codes) if code not in (0, 3, 4)]
+        run = store.runs([job.run_id])[job.run_id]
+        if bad and run.status == "running" and run.pid in {p.pid for p in processes}:
+            rank, code = bad[0]
+            what = "killed (out of memory?)" if code in (-9, 137) else "exited"
+            where = f"rank {rank} " if job.devices > 1 else ""
+            store.finish_run(run.id, "failed", error=f"worker process {where}{what} with code {code}",
+                             claim=Claim(run.id, run.owner, run.attempt))
+            return "failed"
+        if codes[0] in (EXIT_CODES["held"], EXIT_CODES["preempted"]):
+            return "held" if codes[0] == EXIT_CODES["held"] else "preempted"
+        return store.runs([job.run_id])[job.run_id].status
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Interrupted (Ctrl-C, SIGTERM): SIGTERM the running job's processes, which checkpoint and record the run
+        as preempted; whatever has not ended after ``timeout_s`` is killed."""
+        processes = [p for p in self._processes if p.is_alive()]
+        for p in processes:
+            os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for p in processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
 
 
 def _join_group(processes, poll_s: float = 0.2) -> list[int]:
     """Wait for all ranks; as soon as one exits non-zero the others are terminated (no rank waits on a dead peer
     until a collective times out). Returns the exit codes."""
     while any(p.is_alive() for p in processes):
-        if any(p.exitcode not in (None, 0) for p in processes):
+        if any(p.exitcode not in (None, 0, EXIT_CODES["held"], EXIT_CODES["preempted"]) for p in processes):
             for p in processes:
                 if p.is_alive():
                     p.terminate()
@@ -79,68 +144,3 @@ def _join_group(processes, poll_s: float = 0.2) -> list[int]:
             p.kill()
             p.join()
     return [p.exitcode for p in processes]
-
-
-def _submitit_entry(job: Job) -> str:
-    import submitit
-    try:
-        slurm_id = submitit.JobEnvironment().job_id
-    except RuntimeError:
-        slurm_id = None
-    return execute(job, slurm_job_id=slurm_id)
-
-
-class SubmititExecutor:
-    """A submitit job array. ``cluster`` is ``slurm`` for real use; submitit's ``local`` and ``debug`` executors run
-    the same path without a cluster (that is how the tests run it)."""
-
-    name = "slurm"
-
-    def __init__(self, folder: str | os.PathLike = "results/slurm", cluster: str = "slurm", **parameters):
-        self.folder, self.cluster = Path(folder), cluster
-        self.parameters = {"timeout_min": 24 * 60, "slurm_array_parallelism": 64} | parameters
-
-    def run(self, jobs: Iterable[Job], store: Store, progress: Progress) -> None:
-        import submitit
-        jobs = list(jobs)
-        executor = submitit.AutoExecutor(folder=self.folder / "%j", cluster=self.cluster)
-        executor.update_parameters(**self.parameters)  # slurm_* keys are ignored by the local/debug executors
-        devices = {job.devices for job in jobs}
-        if devices != {1}:  # one task per device; each task finds its rank in SLURM_PROCID (runners/launch.py)
-            executor.update_parameters(tasks_per_node=max(devices))
-        submitted = executor.map_array(_submitit_entry, jobs)
-        for job, handle in zip(jobs, submitted):
-            try:
-                handle.result()
-            except Exception as e:  # noqa: BLE001 - a job that died outside execute() is recorded as failed
-                run = store.get_run(job.spec.run_key)
-                if run is not None and run.status in ("scheduled", "running"):
-                    store.finish_run(run.id, "failed", error=f"{self.cluster} job {handle.job_id} failed: {e}")
-            run = store.get_run(job.spec.run_key)
-            progress(job, run.status if run else "failed")
-
-
-def build_executor(name: str):
-    if name == "local":
-        return LocalExecutor()
-    if name == "slurm":
-        return SubmititExecutor()
-    raise ValueError(f"unknown executor {name!r} (local or slurm)")
-
-
-def run_is_alive(run) -> bool:
-    """Whether a run marked ``running`` still has a process: local runs by pid on this host, Slurm runs by job id."""
-    if run.executor == "slurm" and run.slurm_job_id:
-        if shutil.which("squeue") is None:
-            return False
-        out = subprocess.run(["squeue", "-h", "-j", str(run.slurm_job_id)], capture_output=True, text=True)
-        return bool(out.stdout.strip())
-    if run.host != socket.gethostname() or run.pid is None:
-        return run.host != socket.gethostname()  # another machine's local run: we cannot tell, leave it
-    try:
-        os.kill(run.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -8,15 +8,16 @@ import os
 import platform
 import re
 import shutil
-import sys
+import signal
 import socket
+import sys
 import subprocess
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from results import MetricRecord, RunSpec, Store
+from results import LeaseLost, MetricRecord, RunSpec, Store
 
 PROBE_VERSION = 1  # bump when a probe's method changes: it enters the config hash, so old runs are not reused
 
@@ -24,8 +25,9 @@ PROBE_VERSION = 1  # bump when a probe's method changes: it enters the config ha
 @dataclass
 class Job:
     """One run: a table row at one scale and seed. ``config`` is what the run key hashes (no machine-local paths);
-    ``data_root``, ``db_url`` and ``artifacts_root`` say where, not what. ``fresh``: start from scratch (``--force``),
-    removing the run's old checkpoints."""
+    ``data_root``, ``db_url`` and ``artifacts_root`` say where, not what (``db_url`` never holds a password: workers
+    inherit it in ``PGPASSWORD``, results.split_secret). ``fresh``: start from scratch (``--force``), removing the
+    run's old checkpoints."""
 
     spec: RunSpec
     config: dict
@@ -35,6 +37,7 @@ class Job:
     run_id: int | None = None
     artifacts_root: str = "results/artifacts"
     fresh: bool = False
+    since_ms: int | None = None  # when the invocation (or submission) began: runs that failed before it are retried
 
     @property
     def label(self) -> str:
@@ -77,7 +80,7 @@ def batch_plan(recipe, devices: int) -> dict:
 
 def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, db_url: str,
          executor: str = "local", devices: int = 1, follow: str = "code", artifacts_root: str | None = None,
-         fresh: bool = False) -> list[Job]:
+         fresh: bool = False, since_ms: int | None = None) -> list[Job]:
     """Jobs for ``table`` (a suites.Table) at ``scale``: every row (or ``only``) x seeds 0..seeds-1, trained by
     ``devices`` processes with the recipe as the official code (``follow="code"``) or the paper's text runs it."""
     from backbones import resolve_variant
@@ -100,7 +103,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                            config)
             jobs.append(Job(spec, config, data_root, db_url, executor,
                             artifacts_root=str(resolve_artifacts_root(artifacts_root)),
-                            fresh=fresh))
+                            fresh=fresh, since_ms=since_ms))
     return jobs
 
 
@@ -131,24 +134,27 @@ def environment(device: str) -> dict:
 
 
 def execute(job: Job, slurm_job_id: str | None = None) -> str:
-    """Run one job as this process's share of it and record everything through the store. Returns the final status.
+    """Run one job as this process's share of it and record everything through the store. Returns the final
+    status, or ``held`` when the run was not this worker's to take (another live worker holds it, or it is done).
 
-    Launcher-agnostic: the process's rank comes from the environment (runners/launch.py). Rank 0 runs the cost
-    probes and records the run; every rank trains; only rank 0 writes metrics and artifacts. Any rank that fails
-    marks the run failed (the launcher stops the others; collectives time out rather than hang).
+    Launcher-agnostic: the process's rank comes from the environment (runners/launch.py). Rank 0 claims the run
+    (runners/claims.py) and keeps the claim by a heartbeat, runs the cost probes and records the run; every rank
+    trains; only rank 0 writes metrics and artifacts, and every write holds only while the claim does. Any rank that
+    fails marks the run failed (the launcher stops the others; collectives time out rather than hang).
     """
+    import contextlib
+
     import torch
 
     from backbones import build_classifier
     from suites import Recipe
+    from .claims import Heartbeat, lease_seconds
     from .launch import DistEnv, cpus_available, destroy_process_group, init_process_group
 
     dist = DistEnv.from_env()
     store = Store(job.db_url, migrate=False)
     run_id = job.run_id if job.run_id is not None else store.ensure_run(job.spec).id
-    if dist.is_main:
-        store.start_run(run_id, pid=os.getpid(), host=socket.gethostname(), executor=job.executor,
-                        slurm_job_id=slurm_job_id)
+    claim = None
     try:
         device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
         threads = max(1, cpus_available() // (1 if os.environ.get("SLURM_CPUS_PER_TASK") else dist.local_world_size))
@@ -156,39 +162,91 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
         for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # for data workers; MMEngine would force 1
             os.environ.setdefault(variable, str(threads))
         init_process_group(dist, device)
-        run_dir = job.run_dir
-        if dist.is_main and job.fresh and run_dir.exists():
-            shutil.rmtree(run_dir)
-            store.remove_artifacts(run_id)
+        if dist.is_main:
+            if slurm_job_id:  # a requeued job: its earlier incarnation (same job id) is certainly gone
+                store.expire_lease_of_job(run_id, slurm_job_id)
+            claim = store.claim(run_id, lease_s=lease_seconds(), host=socket.gethostname(), pid=os.getpid(),
+                                executor=job.executor, slurm_job_id=slurm_job_id, since_ms=job.since_ms,
+                                force=job.fresh)
         if dist.distributed:
-            torch.distributed.barrier()  # nobody reads a checkpoint that --force is removing
-        c = job.config
-        recipe = Recipe.from_dict(c["recipe"])
-        torch.manual_seed(c["seed"])
+            box = [claim]
+            torch.distributed.broadcast_object_list(box, src=0)
+            claim = box[0]
+        if claim is None:
+            return "held"
+        with Heartbeat(job.db_url, claim) if dist.is_main else contextlib.nullcontext():
+            run_dir = job.run_dir
+            if dist.is_main and job.fresh and run_dir.exists():
+                shutil.rmtree(run_dir)
+                store.remove_artifacts(run_id, owner=claim.owner)
+            if dist.distributed:
+                torch.distributed.barrier()  # nobody reads a checkpoint that --force is removing
+            c = job.config
+            recipe = Recipe.from_dict(c["recipe"])
+            torch.manual_seed(c["seed"])
 
-        def factory():
-            return build_classifier(c["arch"], c["rep"], c["num_classes"], c["variant"])
+            def factory():
+                return build_classifier(c["arch"], c["rep"], c["num_classes"], c["variant"])
 
-        if dist.is_main:
-            store.log_environment(run_id, environment(device))
-            _measure_costs(store, run_id, factory, recipe, c, device)
-        status, diverged_step, error = "finished", None, None
-        if "top1" in c["metrics"] and recipe.train_accuracy:
-            torch.manual_seed(c["seed"])  # the initial weights do not depend on which probes ran before
-            status, diverged_step, error = _train(store, run_id, job, factory(), recipe, device, dist)
-        if dist.is_main:
-            store.finish_run(run_id, status, error=error, diverged_step=diverged_step)
-        return status
+            if dist.is_main:
+                store.log_environment(run_id, environment(device), owner=claim.owner)
+                _measure_costs(store, claim, factory, recipe, c, device)
+            outcome = Outcome("finished")
+            if "top1" in c["metrics"] and recipe.train_accuracy:
+                torch.manual_seed(c["seed"])  # the initial weights do not depend on which probes ran before
+                outcome = _train(store, claim, job, factory(), recipe, device, dist)
+            if dist.is_main:
+                run_status = "scheduled" if outcome.status == "preempted" else outcome.status
+                store.finish_run(run_id, run_status, error=outcome.error, diverged_step=outcome.diverged_step,
+                                 claim=claim, attempt_status=outcome.status)
+                if outcome.status == "preempted" and outcome.signum == signal.SIGUSR2 and slurm_job_id:
+                    _requeue(slurm_job_id)  # Slurm's pre-timeout (or preemption) signal: come back and resume
+        return outcome.status
+    except LeaseLost as e:
+        print(f"repbench worker: {job.label}: {e}", file=sys.stderr, flush=True)
+        return "lost"
     except Exception as e:  # noqa: BLE001 - any failure of one job is recorded, the others go on
         where = f" (rank {dist.rank} of {dist.world_size})" if dist.distributed else ""
-        store.finish_run(run_id, "failed", error=f"{type(e).__name__}{where}: {e}", traceback=traceback.format_exc())
+        error = f"{type(e).__name__}{where}: {e}"
+        print(f"repbench worker: {job.label}: failed: {error}", file=sys.stderr, flush=True)
+        if claim is not None:
+            try:
+                store.finish_run(run_id, "failed", error=error, traceback=traceback.format_exc(), claim=claim)
+            except Exception as db:  # noqa: BLE001 - the database itself may be what failed
+                print(f"repbench worker: {job.label}: cannot record the failure ({type(db).__name__}: "
+                      f"{_first_line(db)}); the run stays claimed until its lease expires, then it is retried",
+                      file=sys.stderr, flush=True)
         return "failed"
     finally:
         destroy_process_group()
         store.close()
 
 
-def _measure_costs(store: Store, run_id: int, factory, recipe, c: dict, device: str) -> None:
+@dataclass
+class Outcome:
+    """How a training run ended: a status (finished, diverged, failed, preempted), and what goes with it."""
+
+    status: str
+    error: str | None = None
+    diverged_step: int | None = None
+    signum: int | None = None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _requeue(slurm_job_id: str) -> None:
+    """Put this Slurm job back in the queue (as submitit does for checkpointable jobs); the requeued job claims
+    the run again and resumes from the checkpoint just written."""
+    done = subprocess.run(["scontrol", "requeue", slurm_job_id], capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        print(f"repbench worker: scontrol requeue {slurm_job_id} failed: {done.stderr.strip()}", file=sys.stderr,
+              flush=True)
+
+
+def _measure_costs(store: Store, claim, factory, recipe, c: dict, device: str) -> None:
     """The cost probes of runners/probes.py, on rank 0, before training."""
     import torch
 
@@ -201,7 +259,7 @@ def _measure_costs(store: Store, run_id: int, factory, recipe, c: dict, device: 
     def record(m: probes.Measurement, **where):
         records = [MetricRecord(m.name, m.value, m.unit, method=m.method, **where)]
         records += [MetricRecord(k, v, m.unit, method=m.method, **where) for k, v in m.extra.items()]
-        store.log_metrics(run_id, records)
+        store.log_metrics(claim.run_id, records, owner=claim.owner)
 
     if "train_memory" in c["metrics"]:
         record(probes.probe_train_memory(factory, recipe.cost_batch, recipe.cost_resolution, c["num_classes"],
@@ -218,9 +276,9 @@ def _measure_costs(store: Store, run_id: int, factory, recipe, c: dict, device: 
                resolution=recipe.cost_resolution, **context)
 
 
-def _train(store: Store, run_id: int, job: Job, model, recipe, device: str, dist) -> tuple[str, int | None, str | None]:
+def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> Outcome:
     """The accuracy run: per-epoch top-1 and loss stored with their step, checkpoints and final weights recorded as
-    artifacts (rank 0). Returns (status, diverged step, error)."""
+    artifacts (rank 0; every rank holds the claim, broadcast by rank 0)."""
     import copy
 
     import torch
@@ -231,6 +289,7 @@ def _train(store: Store, run_id: int, job: Job, model, recipe, device: str, dist
 
     c = job.config
     run_dir = job.run_dir
+    run_id, owner = claim.run_id, claim.owner
     context = dict(device=probes.device_name(device), dtype="float32", threads=torch.get_num_threads(),
                    batch=c["global_batch"], resolution=recipe.resolution)
     how = (f"{c['world_size']} process(es) x {c['grad_accum']} micro-batch(es) x {c['per_device_batch']} = global "
@@ -253,20 +312,21 @@ def _train(store: Store, run_id: int, job: Job, model, recipe, device: str, dist
         logged_steps.add(record["step"])
         method = (f"top-1 on {record['val_images']} {recipe.dataset} val images after epoch {record['epoch']} "
                   f"({record['step']} optimizer steps; {how}; MMEngine Runner)")
-        store.log_metrics(run_id, [
+        store.log_metrics(run_id, owner=owner, records=[
             MetricRecord("top1", record["top1"], "%", step=record["step"], method=method, **context),
             MetricRecord("train_loss", record["train_loss"], "nats", step=record["step"],
                          method=f"mean cross-entropy of epoch {record['epoch']} over all processes", **context)])
 
     def on_checkpoint(kind, path, size, sha, epoch):
         if kind == "removed":
-            store.remove_artifacts(run_id, path=str(path))
+            store.remove_artifacts(run_id, path=str(path), owner=owner)
         else:
-            store.log_artifact(run_id, kind, str(path), size, sha, epoch)
+            store.log_artifact(run_id, kind, str(path), size, sha, epoch, owner=owner)
 
     def record_log() -> None:
         if dist.is_main and log_file.is_file():
-            store.log_artifact(run_id, "log", str(log_file), log_file.stat().st_size, sha256_of(log_file), None)
+            store.log_artifact(run_id, "log", str(log_file), log_file.stat().st_size, sha256_of(log_file), None,
+                               owner=owner)
 
     try:
         result = train_classifier(model, recipe, Path(job.data_root), c["seed"], device, dist, c["grad_accum"],
@@ -274,27 +334,29 @@ def _train(store: Store, run_id: int, job: Job, model, recipe, device: str, dist
     except Diverged as e:
         if dist.is_main:
             log(f"diverged: {e}")
-            store.log_metrics(run_id, [MetricRecord("top1", float("nan"), "%", step=e.step, method=f"diverged: {e}",
-                                                    **context)])
+            store.log_metrics(run_id, owner=owner, records=[
+                MetricRecord("top1", float("nan"), "%", step=e.step, method=f"diverged: {e}", **context)])
         record_log()
-        return "diverged", e.step, str(e)
+        return Outcome("diverged", str(e), e.step)
     except Preempted as e:
         if dist.is_main:
             log(f"preempted: {e}")
         record_log()
-        return "failed", None, f"preempted: {e}; a re-run resumes from the checkpoint"
+        return Outcome("preempted", f"preempted: {e}; the next attempt resumes from the checkpoint",
+                       signum=e.signum)
     except Exception:
         record_log()
         raise
     if not dist.is_main:
-        return "finished", None, None
+        return Outcome("finished")
     for record in result.epochs:  # epochs trained before a resume: their metrics were cleared with the retry
         on_epoch(record)
     if recipe.checkpoints:
         for form, weights in (("weights_train", model), ("weights_deploy", deploy(copy.deepcopy(model).eval()))):
             path = save_checkpoint(weights, run_dir / f"{form.replace('_', '-')}.pth", table=c["table"],
                                    row=c["row"], scale=c["scale"], seed=c["seed"], variant=c["variant"])
-            store.log_artifact(run_id, form, str(path), path.stat().st_size, sha256_of(path), recipe.epochs)
+            store.log_artifact(run_id, form, str(path), path.stat().st_size, sha256_of(path), recipe.epochs,
+                               owner=owner)
     log(f"finished: top-1 {result.top1:.2f}%  loss {result.train_loss:.4f}  ({result.iters} optimizer steps)")
     record_log()
-    return "finished", None, None
+    return Outcome("finished")

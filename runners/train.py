@@ -56,7 +56,12 @@ class Diverged(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """Training stopped on SIGTERM / SIGUSR2 after writing a checkpoint; a re-run (or a requeued job) resumes."""
+    """Training stopped on SIGTERM / SIGUSR2 after writing a checkpoint; a re-run (or a requeued job) resumes.
+    ``signum``: the signal this process received (None when a peer's signal stopped the group)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 class ImageClassifier(BaseModel):
@@ -259,7 +264,7 @@ class TrainState(Hook):
 
     # signals: remember, act at the next optimizer-step boundary (all processes agree, then stop together)
     def _on_signal(self, signum, frame):
-        self.signal_received = True
+        self.signal_received = signum
 
     def before_train(self, runner):
         if self.folder is not None:
@@ -299,7 +304,7 @@ class TrainState(Hook):
         self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
         if self.folder is None or (runner.iter + 1) % self.accum:
             return
-        stop = self.signal_received
+        stop = bool(self.signal_received)
         if self.dist.distributed:
             flag = torch.tensor([1.0 if stop else 0.0], device=_device_of(runner))
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -307,7 +312,10 @@ class TrainState(Hook):
         if stop:
             micro = (step - runner.epoch * self.steps_per_epoch) * self.accum
             name = self.save(runner, runner.epoch, runner.iter + 1, micro, time.perf_counter() - self.epoch_start)
-            raise Preempted(f"stopped by a signal at step {step} (epoch {runner.epoch + 1}, checkpoint {name})")
+            signum = self.signal_received or None
+            what = signal.Signals(signum).name if signum else "a peer's signal"
+            raise Preempted(f"stopped by {what} at step {step} (epoch {runner.epoch + 1}, checkpoint {name})",
+                            signum)
 
     def after_val_epoch(self, runner, metrics=None):
         seconds = time.perf_counter() - self.epoch_start

@@ -138,6 +138,22 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What one run of a scale asks a cluster for, per device (runners/slurm.py). Not part of a run's identity: it
+    changes where a run goes, not what it measures."""
+
+    gpus: bool              # the scale trains on GPUs (one per process)
+    cpus_per_device: int
+    mem_gb_per_device: float
+    time_min: int           # the job's time limit; a longer run checkpoints, requeues and resumes
+
+
+RESOURCES = {"smoke": Resources(gpus=False, cpus_per_device=1, mem_gb_per_device=4, time_min=30),
+             "mini": Resources(gpus=False, cpus_per_device=2, mem_gb_per_device=8, time_min=120),
+             "paper": Resources(gpus=True, cpus_per_device=8, mem_gb_per_device=48, time_min=24 * 60)}
+
+
+@dataclass(frozen=True)
 class Table:
     paper: str
     name: str
@@ -151,6 +167,7 @@ class Table:
     accuracy_tolerance: float = 0.3                            # points of top-1 (DESIGN.md, Scales)
     runner: str = "classification"                            # classification | dense (dense: declared only)
     claims: tuple[str, ...] = ()
+    resources: dict[str, Resources] = field(default_factory=lambda: dict(RESOURCES))
 
     @property
     def key(self) -> str:
