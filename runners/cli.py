@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from sqlalchemy.exc import SQLAlchemyError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table as RichTable
 
@@ -504,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as e:
         Console(stderr=True).print(f"run_suite: error: {e}", style="red", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
+    except SQLAlchemyError as e:  # the database went away under a run: say so, no traceback, never the URL
+        from results.store import _reason
+        Console(stderr=True).print(f"run_suite: database error: {_reason(e)}; runs held by this invocation are "
+                                   "retried by the next one once their lease expires", style="red",
+                                   highlight=False, soft_wrap=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class LocalExecutor:
         self._context.set_forkserver_preload(PRELOAD)
         self.poll_s = poll_s
         self._processes: list = []
+        self._current: tuple[Job, Store] | None = None
 
     def run(self, jobs: Iterable[Job], store: Store, progress: Progress, waiting: Waiting | None = None) -> None:
         from .claims import expire_dead_local
@@ -96,7 +97,7 @@ class LocalExecutor:
         processes = [self._context.Process(target=_worker, args=(job, rank, port),
                                            name=f"repbench {job.label} rank {rank}")
                      for rank in range(job.devices)]
-        self._processes = processes
+        self._processes, self._current = processes, (job, store)
         for process in processes:
             process.start()
         codes = _join_group(processes)
@@ -126,6 +127,12 @@ class LocalExecutor:
             if p.is_alive():
                 p.kill()
                 p.join()
+        if self._current is not None:  # a worker that died on the signal before recording anything
+            job, store = self._current
+            run = store.runs([job.run_id])[job.run_id]
+            if run.status == "running" and run.pid in {p.pid for p in self._processes}:
+                store.finish_run(run.id, "failed", error="stopped: run_suite was interrupted",
+                                 claim=Claim(run.id, run.owner, run.attempt))
 
 
 def _join_group(processes, poll_s: float = 0.2) -> list[int]:

@@ -1,50 +1,13 @@
 """The results store on SQLite and on a real PostgreSQL server started by the tests."""
 
 import math
-import os
-import shutil
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, text
 
 from results import MetricRecord, RunSpec, SchemaMissing, Store, StoreError, check_url
 from runners.jobs import config_hash, run_key
-
-
-def find_pg_bin() -> Path:
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not candidates:
-        pytest.fail("PostgreSQL server binaries not found: .ci/run installs Debian's postgresql package "
-                    "(apt-get install -y postgresql)")
-    return candidates[-1].parent
-
-
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A throw-away PostgreSQL server on 127.0.0.1 (initdb/pg_ctl refuse root: run them as postgres)."""
-    bindir = find_pg_bin()
-    datadir = tempfile.mkdtemp(prefix="repbench-pg-")
-    shutil.chown(datadir, "postgres", "postgres")
-    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    subprocess.run(run_as + [str(bindir / "initdb"), "-D", datadir, "-A", "trust", "-U", "postgres"], check=True,
-                   capture_output=True)
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", datadir, "-l", f"{datadir}/log", "-w", "-o",
-                             f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", datadir, "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(datadir, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -55,7 +18,7 @@ def store(request, tmp_path):
         url = request.getfixturevalue("postgres_url")
         s = Store(url)
         with s.engine.begin() as c:  # each test starts from an empty store
-            c.execute(text("TRUNCATE runs, params, metrics, environments, artifacts RESTART IDENTITY CASCADE"))
+            c.execute(text("TRUNCATE runs, params, metrics, environments, artifacts, attempts RESTART IDENTITY CASCADE"))
     yield s
     s.close()
 
@@ -68,16 +31,16 @@ def spec(row="ResNet-18/None", seed=0, config=None):
 
 
 def test_migrations_from_empty_reach_head(store):
-    assert store.schema_revision() == "0002"
+    assert store.schema_revision() == "0003"
     tables = set(inspect(store.engine).get_table_names())
-    assert {"runs", "params", "metrics", "environments", "artifacts", "alembic_version"} <= tables
+    assert {"runs", "params", "metrics", "environments", "artifacts", "attempts", "alembic_version"} <= tables
     store.upgrade()  # idempotent
-    assert store.schema_revision() == "0002"
+    assert store.schema_revision() == "0003"
 
 
 def test_round_trip(store):
     run = store.ensure_run(spec())
-    store.start_run(run.id, pid=123, host="h", executor="local")
+    store.claim(run.id, lease_s=60, pid=123, host="h", executor="local")
     store.log_environment(run.id, dict(git_commit="abc", git_dirty=True, python="3.11.7", torch="2.13.0",
                                        cuda=None, mmcv="2.1.0", device_name="cpu", host="h", platform="linux"))
     store.log_metrics(run.id, [
@@ -101,7 +64,7 @@ def test_round_trip(store):
 
 def test_artifacts_and_per_epoch_metrics(store):
     run = store.ensure_run(spec())
-    store.start_run(run.id, pid=1, host="h", executor="local")
+    store.claim(run.id, lease_s=60, pid=1, host="h", executor="local")
     store.log_metrics(run.id, [MetricRecord("top1", 40.0, "%", step=10), MetricRecord("top1", 55.5, "%", step=20),
                                MetricRecord("train_loss", 1.5, "nats", step=20)])
     final = store.metrics_frame("orepa.table4").set_index("name")
@@ -116,7 +79,8 @@ def test_artifacts_and_per_epoch_metrics(store):
     artifacts = store.artifacts_frame(run.id).set_index("path")
     assert sorted(artifacts.index) == ["/a/state-e2.pth", "/a/weights-deploy.pth"]
     assert artifacts.loc["/a/state-e2.pth", "size_bytes"] == 12 and artifacts.loc["/a/state-e2.pth", "sha256"] == "2" * 64
-    store.start_run(run.id, pid=2, host="h", executor="local")  # a retry keeps its checkpoints (it resumes)
+    store.expire_leases_of_dead("h", lambda pid: False)
+    assert store.claim(run.id, lease_s=60, pid=2, host="h", executor="local")  # a retry keeps its checkpoints
     assert len(store.artifacts_frame(run.id)) == 2
     with pytest.raises(ValueError):
         store.log_artifact(run.id, "photo", "/a/x.png", 1, "4" * 64)
@@ -135,17 +99,18 @@ def test_run_keys_are_idempotent(store):
 
 def test_retry_replaces_partial_metrics(store):
     run = store.ensure_run(spec())
-    store.start_run(run.id, pid=1, host="h", executor="local")
-    store.log_metrics(run.id, [MetricRecord("train_memory", 1.0, "GiB")])
-    assert store.fail_dead_runs(lambda r: False) == [run.id]
-    assert store.get_run(run.run_key).status == "failed"
-    store.start_run(run.id, pid=2, host="h", executor="local")
-    assert store.metrics_frame().empty
-    store.log_metrics(run.id, [MetricRecord("train_memory", 2.0, "GiB")])
-    store.finish_run(run.id, "finished")
+    first = store.claim(run.id, lease_s=60, pid=1, host="h", executor="local")
+    store.log_metrics(run.id, [MetricRecord("train_memory", 1.0, "GiB")], owner=first.owner)
+    assert store.expire_leases_of_dead("h", lambda pid: pid != 1) == [run.id]
+    second = store.claim(run.id, lease_s=60, pid=2, host="h", executor="local")
+    assert second.attempt == 2 and store.metrics_frame().empty
+    store.log_metrics(run.id, [MetricRecord("train_memory", 2.0, "GiB")], owner=second.owner)
+    assert store.finish_run(run.id, "finished", claim=second)
     metrics = store.metrics_frame()
     assert list(metrics.value) == [2.0]
     assert store.get_run(run.run_key).attempt == 2
+    attempts = store.attempts_frame()
+    assert list(attempts.status) == ["lost", "finished"] and "lease expired" in attempts.error.iloc[0]
 
 
 def test_status_is_constrained(store):
