@@ -20,7 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import and_, create_engine, delete, event, or_, select, text, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import ARTIFACT_KINDS, Artifact, Attempt, Environment, Metric, Param, Run, now_ms
@@ -269,16 +269,22 @@ class Store:
 
     def ensure_run(self, spec: RunSpec) -> Run:
         """The run with this key, created as ``scheduled`` with its params if new. Params are immutable: the key
-        includes the config hash, so the same key always carries the same config."""
-        with self.session() as s:
-            run = s.scalar(select(Run).where(Run.run_key == spec.run_key))
-            if run is None:
-                run = Run(run_key=spec.run_key, table_name=spec.table_name, row_name=spec.row_name,
-                          scale=spec.scale, seed=spec.seed, config_hash=spec.config_hash, status="scheduled",
-                          attempt=0)
-                run.params = [Param(key=k, value=v) for k, v in _flatten(spec.config).items()]
-                s.add(run)
-            return run
+        includes the config hash, so the same key always carries the same config. Invocations that create the same
+        run at once: one insert wins, the others read it."""
+        for _ in range(2):
+            try:
+                with self.session() as s:
+                    run = s.scalar(select(Run).where(Run.run_key == spec.run_key))
+                    if run is None:
+                        run = Run(run_key=spec.run_key, table_name=spec.table_name, row_name=spec.row_name,
+                                  scale=spec.scale, seed=spec.seed, config_hash=spec.config_hash,
+                                  status="scheduled", attempt=0)
+                        run.params = [Param(key=k, value=v) for k, v in _flatten(spec.config).items()]
+                        s.add(run)
+                    return run
+            except IntegrityError:
+                continue  # another process inserted it between our read and our write
+        raise StoreError(f"cannot create run {spec.run_key[:12]}")
 
     # -- claims: one worker per run (runners/claims.py holds the lease; these are its SQL) -------------------------
     def claim(self, run_id: int, *, lease_s: float, host: str, pid: int | None, executor: str,

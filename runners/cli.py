@@ -244,7 +244,7 @@ def _run_local(todo, store, table, args, console) -> int:
     from runners.executors import LocalExecutor
     executor = LocalExecutor()
     start = time.perf_counter()
-    statuses, shown = {}, set()
+    statuses, shown, interrupted = {}, set(), False
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bar:
         task = bar.add_task(todo[0].label, total=len(todo))
@@ -267,9 +267,13 @@ def _run_local(todo, store, table, args, console) -> int:
                 executor.run(todo, store, progress, waiting)
         except Interrupted:
             bar.console.print("interrupted: stopping the workers (a training run checkpoints first) ...")
+            for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the checkpoint short
+                signal.signal(sig, signal.SIG_IGN)
             executor.stop()
-            console.print(f"stopped; 'run_suite {table.key} --scale {args.scale}' resumes the unfinished runs")
-            return 130
+            interrupted = True
+    if interrupted:
+        console.print(f"stopped; 'run_suite {table.key} --scale {args.scale}' resumes the unfinished runs")
+        return 130
     elapsed = time.perf_counter() - start
     console.print(_summary(store, table, args.scale))
     failed = [k for k, s in statuses.items() if s == "failed"]

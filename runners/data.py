@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,8 @@ def check_dataset(name: str, root: Path) -> None:
 
 
 def _write_imagefolder(root: Path, images: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int) -> None:
-    """Write uint8 HxW(x3) images as PNGs into root/{train,val}/<label>/, atomically (a temp dir renamed)."""
+    """Write uint8 HxW(x3) images as PNGs into root/{train,val}/<label>/, atomically (a temp dir renamed). Workers
+    that generate the same data at once all write the same images: the first rename wins, the others drop theirs."""
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = int(round(len(images) * val_fraction))
@@ -56,7 +58,12 @@ def _write_imagefolder(root: Path, images: np.ndarray, labels: np.ndarray, val_f
         folder = tmp / split / f"{int(labels[index]):02d}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[index]).convert("RGB").save(folder / f"{index:05d}.png")
-    tmp.rename(root)
+    try:
+        tmp.rename(root)
+    except OSError:
+        if not root.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_synthetic(root: Path) -> Path:

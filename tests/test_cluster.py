@@ -66,7 +66,7 @@ def assert_each_run_once(url, rows, attempts=1):
         assert len(keys) == len(runs)
         reference = next(iter(keys.values()))
         assert len(set(reference)) == len(reference)  # no (name, step) twice
-        assert {"top1", "train_memory", "time_per_batch", "latency", "params"} <= {name for name, _ in reference}
+        assert {"top1", "train_memory", "time_per_batch", "latency", "params_deploy"} <= {name for name, _ in reference}
         assert all(k == reference for k in keys.values())
         return runs, metrics
     finally:
@@ -166,24 +166,25 @@ def test_three_invocations_started_together(db_url, tmp_path):
     results = [finish(p) for p in invocations]
     assert [code for code, _, _ in results] == [0, 0, 0], results
     assert_each_run_once(db_url, ROWS)
-    assert any("waiting for" in out or "already done" in out for _, out, _ in results)
+    assert sum(out.count("finished: top-1") for _, out, _ in results) == len(ROWS)  # trained once in all
     assert not list(Path(tmp_path).glob("*.lock")) and not list(Path(tmp_path).glob("**/*.sqlite.lock"))
 
 
 # -- faults -----------------------------------------------------------------------------------------------------------
-def _running_run(url, timeout=300):
-    def running():
+def running_run(url, row=None, timeout=300) -> dict:
+    """Wait until a run (of ``row``) is ``running``; its database row as a dict."""
+    def find():
         try:
             store = Store(url, migrate=False)
         except Exception:  # noqa: BLE001 - not created yet
             return None
         try:
             runs = store.runs_frame()
-            runs = runs[runs.status == "running"]
-            return runs.iloc[0] if len(runs) else None
+            runs = runs[(runs.status == "running") & ((runs.row_name == row) if row else True)]
+            return runs.iloc[0].to_dict() if len(runs) else None
         finally:
             store.close()
-    return wait_until(lambda: (r := running()) is not None and r, timeout, what="a running run")
+    return wait_until(find, timeout, what=f"{row or 'a run'} running")
 
 
 @pytest.mark.slow
@@ -195,10 +196,10 @@ def test_killed_invocation_is_retried_and_sigterm_stops_the_workers(tmp_path):
     args = ["table4", "--only", ROWS[0], "--db", url, "--data-root", str(tmp_path), "--artifacts",
             str(tmp_path / "a")]
     first = run_suite(*args, cwd=tmp_path, start_new_session=True)
-    run = _running_run(url)
+    run = running_run(url)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(60)
-    wait_until(lambda: not _alive(int(run.pid)), 30, what="the worker to die with its parent")
+    wait_until(lambda: not _alive(int(run["pid"])), 30, what="the worker to die with its parent")
     code, out, err = finish(run_suite(*args, cwd=tmp_path))
     assert code == 0, err
     assert_each_run_once(url, [ROWS[0]], attempts=2)
@@ -208,27 +209,15 @@ def test_killed_invocation_is_retried_and_sigterm_stops_the_workers(tmp_path):
 
     args[2] = ROWS[1]
     second = run_suite(*args, cwd=tmp_path)
-    run = _running_run_of(url, ROWS[1])
+    run = running_run(url, ROWS[1])
     second.send_signal(signal.SIGTERM)
     code, out, err = finish(second, 120)
     assert code == 130 and "resumes the unfinished runs" in out, (out, err)
-    assert not _alive(int(run.pid))
+    assert not _alive(int(run["pid"]))
     store = Store(url, migrate=False)
     runs = store.runs_frame().set_index("row_name")
     assert runs.loc[ROWS[1], "status"] in ("failed", "scheduled")
     store.close()
-
-
-def _running_run_of(url, row):
-    def find():
-        store = Store(url, migrate=False)
-        try:
-            runs = store.runs_frame()
-            runs = runs[(runs.row_name == row) & (runs.status == "running")]
-            return runs.iloc[0] if len(runs) else None
-        finally:
-            store.close()
-    return wait_until(lambda: (r := find()) is not None and r, 300, what=f"{row} running")
 
 
 def _alive(pid):
@@ -249,7 +238,7 @@ def test_database_stopped_mid_run(tmp_path):
         args = ["table4", "--only", ROWS[0], "--db", url, "--data-root", str(tmp_path), "--artifacts",
                 str(tmp_path / "a")]
         process = run_suite(*args, cwd=tmp_path)
-        _running_run(url)
+        running_run(url)
         server.stop()
         code, out, err = finish(process, 300)
         assert code != 0 and "database" in (out + err) and "Traceback" not in out
