@@ -100,7 +100,8 @@ def split_secret(url: str) -> tuple[str, dict[str, str]]:
     parsed = make_url(url)
     if parsed.password is None:
         return url, {}
-    return parsed.set(password=None).render_as_string(hide_password=False), {"PGPASSWORD": str(parsed.password)}
+    # URL.set() ignores None; _replace is the documented namedtuple way to drop a field
+    return parsed._replace(password=None).render_as_string(hide_password=False), {"PGPASSWORD": str(parsed.password)}
 
 
 def check_url(url: str) -> None:

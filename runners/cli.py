@@ -157,11 +157,11 @@ def _validated_run(args):
     url = _checked_url(args.db, must_exist=False)
     site = None
     if args.executor == "slurm":
-        if shutil.which("sbatch") is None and not args.dry_run:
-            raise BadInput("--executor slurm needs Slurm's sbatch on PATH (run on a cluster login node)")
         if args.db is None and url.startswith("sqlite"):
             raise BadInput("--executor slurm needs the database given explicitly with --db (PostgreSQL: many nodes "
                            "writing one SQLite file over a network file system lose data)")
+        if shutil.which("sbatch") is None and not args.dry_run:
+            raise BadInput("--executor slurm needs Slurm's sbatch on PATH (run on a cluster login node)")
         from runners.slurm import Site, slurm_parameters
         try:
             site = Site.load(args.cluster, partition=args.partition, account=args.account, qos=args.qos,
@@ -454,10 +454,15 @@ def _status_view(store, table, scale) -> RichTable:
     for _, run in runs.iterrows():
         elapsed = _ago(run.started_ms, run.ended_ms)
         beat = _ago(run.heartbeat_ms) + " ago" if run.status == "running" else "-"
-        error = (run.error or "").splitlines()[0][:80] if run.error else ""
+        error = run.error.splitlines()[0][:80] if isinstance(run.error, str) and run.error else ""
         view.add_row(run.row_name, str(run.seed), run.scale, run.status, str(run.attempt),
-                     run.slurm_job_id or "-", run.host or "-", elapsed, beat, error)
+                     _cell(run.slurm_job_id), _cell(run.host), elapsed, beat, error)
     return view
+
+
+def _cell(value) -> str:
+    """A frame cell as text: missing values (None, or pandas' NaN) as '-'."""
+    return "-" if value is None or value != value else str(value)
 
 
 def cmd_status(argv, console: Console) -> int:

@@ -38,7 +38,9 @@ def db_rows(path: Path, sql: str):
     (["table5"], "declared only"),
     (["table4", "--seeds", "0"], "--seeds must be >= 1"),
     (["report", "table99"], "unknown table"),
-    (["table4", "--executor", "slurm"], "needs Slurm's sbatch"),
+    (["table4", "--executor", "slurm"], "needs the database given explicitly"),
+    (["table4", "--db", "sqlite://"], "in-memory database"),
+    (["table4", "--db", "sqlite:///:memory:"], "in-memory database"),
     (["table4", "--scale", "paper", "--devices", "3", "--dry-run"], "valid counts: 1, 2, 4"),
     (["table4", "--scale", "paper", "--devices", "8"], "valid counts: 1, 2, 4"),
     (["table4", "--devices", "3"], "valid counts: 1, 2"),
@@ -73,11 +75,63 @@ def test_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
 
 
 def test_report_of_a_table_never_run(tmp_path, monkeypatch):
+    from results import Store
     monkeypatch.chdir(tmp_path)
-    assert main(["report", "table4"]) == 0
+    Store(f"sqlite:///{tmp_path}/r.sqlite").close()
+    assert main(["report", "table4", "--db", f"sqlite:///{tmp_path}/r.sqlite"]) == 0
     text = (tmp_path / "reports/out/orepa.table4.md").read_text()
     assert "has not been run yet" in text
-    assert not (tmp_path / "results").exists()  # a report never creates a database
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _newer_schema(db: Path) -> None:
+    from results import Store
+    Store(f"sqlite:///{db}").close()
+    connection = sqlite3.connect(db)
+    connection.execute("UPDATE alembic_version SET version_num = '9999'")
+    connection.commit()
+    connection.close()  # the last connection checkpoints the WAL into the file and removes it
+
+
+@pytest.mark.parametrize("case,argv,message", [
+    ("parent is a file", ["table4", "--db", "sqlite:///{tmp}/afile/r.sqlite"], "is a file, not a folder"),
+    ("not writable", ["table4", "--db", "sqlite:////proc/repbench/r.sqlite"], "cannot write in /proc"),
+    ("not a database", ["table4", "--db", "sqlite:///{tmp}/afile"], "is not an SQLite database"),
+    ("newer schema", ["table4", "--db", "sqlite:///{tmp}/new.sqlite"], "newer than this repbench knows"),
+    ("newer schema, status", ["status", "table4", "--db", "sqlite:///{tmp}/new.sqlite"], "schema is at 9999"),
+    ("report out is a file", ["report", "table4", "--db", "sqlite:///{tmp}/new.sqlite", "--out", "{tmp}/afile"],
+     "is a file, not a folder"),
+    ("report, no database", ["report", "table4", "--db", "sqlite:///{tmp}/none.sqlite"], "there is no database"),
+    ("status, no database", ["status", "table4", "--db", "sqlite:///{tmp}/none.sqlite"], "there is no database"),
+    ("slurm without sbatch", ["table4", "--executor", "slurm", "--db", "sqlite:///{tmp}/x.sqlite"],
+     "needs Slurm's sbatch"),
+    ("bad cluster file", ["table4", "--executor", "slurm", "--db", "sqlite:///{tmp}/x.sqlite", "--cluster",
+                          "{tmp}/afile"], "not valid TOML"),
+])
+def test_unusable_database_or_output_exits_2_and_changes_nothing(tmp_path, monkeypatch, capsys, case, argv, message):
+    """Each exits 2 with one line; the database's bytes and the set of files stay as they were (no lock file, no
+    WAL left behind, nothing created)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REPBENCH_DB", raising=False)
+    monkeypatch.setenv("REPBENCH_DATA", str(tmp_path / "data"))
+    (tmp_path / "afile").write_text("partition = [unclosed\n")
+    _newer_schema(tmp_path / "new.sqlite")
+    if case == "slurm without sbatch":
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    elif case == "bad cluster file":
+        fake = tmp_path / "bin"
+        fake.mkdir()
+        (fake / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+        (fake / "sbatch").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    before = _files(tmp_path)
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert _files(tmp_path) == before
 
 
 @pytest.mark.slow

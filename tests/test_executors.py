@@ -1,5 +1,6 @@
-"""Executors: the local one isolates each job; the slurm one runs the same jobs as a submitit array (tested with
-submitit's local and debug executors, as submitit's own tests do; a real Slurm comes in a later issue)."""
+"""Executors: the local one isolates each job; the slurm one runs the same jobs as a submitit array (here with
+submitit's local and debug executors, as submitit's own tests do; against a real Slurm in test_cluster.py), with the
+resources and site settings a cluster needs."""
 
 import json
 
@@ -7,7 +8,8 @@ import pytest
 
 import suites
 from results import Store
-from runners.executors import LocalExecutor, SubmititExecutor
+from runners.executors import LocalExecutor
+from runners.slurm import Site, SlurmExecutor, slurm_parameters
 from runners.jobs import plan
 
 ROWS = ["ResNet-18/None", "RepVGG-A0/RepVGG"]
@@ -28,12 +30,49 @@ def run(executor, tmp_path, rows=ROWS):
 @pytest.mark.slow
 @pytest.mark.parametrize("cluster", ["debug", "local"])
 def test_submitit_array(tmp_path, cluster):
-    store, seen = run(SubmititExecutor(tmp_path / "slurm", cluster=cluster, timeout_min=30), tmp_path)
-    assert sorted(seen) == sorted((r, "finished") for r in ROWS)
+    url = f"sqlite:///{tmp_path}/r.sqlite"
+    store = Store(url)
+    jobs = plan(suites.get_table("table4"), "smoke", 1, ROWS, str(tmp_path), url, "slurm",
+                artifacts_root=str(tmp_path / "artifacts"))
+    for job in jobs:
+        job.run_id = store.ensure_run(job.spec).id
+    executor = SlurmExecutor(Site(folder=str(tmp_path / "slurm")), suites.get_table("table4").resources["smoke"],
+                             cluster=cluster)
+    ids = executor.submit(jobs, store)
+    assert [handle.result() for handle in executor.submitted] == ["finished", "finished"]
     runs = store.runs_frame()
+    assert sorted(runs.slurm_job_id) == sorted(ids)
     assert set(runs.status) == {"finished"} and set(runs.executor) == {"slurm"}
     metrics = store.metrics_frame()
     assert {"top1", "train_memory", "time_per_batch"} <= set(metrics.name)
+
+
+def test_slurm_resources_follow_the_recipe_and_the_site(tmp_path):
+    """Paper scale asks for GPUs (one task per GPU, a run wider than a node spans nodes); smoke for CPUs only; the
+    site file adds partition, account, extra lines and the throttle; bad site files say what is wrong."""
+    table = suites.get_table("table4")
+    site_file = tmp_path / "site.toml"
+    site_file.write_text('partition = "gpu"\naccount = "proj"\ngpus_per_node = 4\narray_parallelism = 3\n'
+                         'setup = ["module load cuda"]\n[sbatch]\nexclusive = true\n')
+    site = Site.load(site_file, qos="high")
+    paper = slurm_parameters(table.resources["paper"], 8, site, "t")
+    assert paper["nodes"] == 2 and paper["tasks_per_node"] == 4 and paper["slurm_gres"] == "gpu:4"
+    assert paper["cpus_per_task"] == 8 and paper["mem_gb"] == 4 * 48 and paper["timeout_min"] == 24 * 60
+    assert paper["slurm_partition"] == "gpu" and paper["slurm_account"] == "proj" and paper["slurm_qos"] == "high"
+    assert paper["slurm_array_parallelism"] == 3 and paper["slurm_setup"] == ["module load cuda"]
+    assert paper["slurm_additional_parameters"] == {"exclusive": True}
+    smoke = slurm_parameters(table.resources["smoke"], 2, Site(gpu_request="gpus-per-node"), "t")
+    assert smoke["nodes"] == 1 and smoke["tasks_per_node"] == 2 and "slurm_gres" not in smoke
+    assert "gpus_per_node" not in smoke and "slurm_partition" not in smoke
+    gpus = slurm_parameters(table.resources["paper"], 4, Site(gpu_request="gpus-per-node"), "t")
+    assert gpus["gpus_per_node"] == 4 and "slurm_gres" not in gpus
+    with pytest.raises(ValueError, match="do not split evenly"):
+        slurm_parameters(table.resources["paper"], 5, Site(gpus_per_node=4), "t")
+    site_file.write_text('partitoin = "gpu"\n')
+    with pytest.raises(ValueError, match="unknown key.*partitoin"):
+        Site.load(site_file)
+    with pytest.raises(ValueError, match="No such file"):
+        Site.load(tmp_path / "missing.toml")
 
 
 def test_local_executor_isolates_a_failing_job(tmp_path, monkeypatch):
