@@ -126,6 +126,8 @@ class Slurm:
     squeue, scontrol, srun) find it through $SLURM_CONF. Stopped by pid."""
 
     def __init__(self):
+        if "/usr/sbin" not in os.environ["PATH"].split(":"):  # the daemons live there; a user's PATH may lack it
+            os.environ["PATH"] += ":/usr/sbin"
         for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
             if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
                 pytest.fail(f"{tool} not found: .ci/run installs Debian's slurm-wlm and munge "
