@@ -142,8 +142,11 @@ def test_kill_half_way_then_resume(tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline:
-        if db.exists() and db_rows(db, "select count(*) from runs where status = 'finished'")[0][0] >= 1:
-            break
+        try:  # the file exists a moment before its schema does
+            if db.exists() and db_rows(db, "select count(*) from runs where status = 'finished'")[0][0] >= 1:
+                break
+        except sqlite3.OperationalError:
+            pass
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()

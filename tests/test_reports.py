@@ -18,11 +18,11 @@ def fill(store, table, scale, values, status="finished", error=None):
         if job.spec.seed >= len(per_seed):
             continue
         run = store.ensure_run(job.spec)
-        store.start_run(run.id, pid=1, host="h", executor="local")
+        claim = store.claim(run.id, lease_s=60, pid=1, host="h", executor="local")
         store.log_metrics(run.id, [MetricRecord(k, v, suites.METRICS[k].unit if k in suites.METRICS else "x",
                                                 device="cpu: test")
-                                   for k, v in per_seed[job.spec.seed].items()])
-        store.finish_run(run.id, status, error=error)
+                                   for k, v in per_seed[job.spec.seed].items()], owner=claim.owner)
+        store.finish_run(run.id, status, error=error, claim=claim)
 
 
 @pytest.fixture
