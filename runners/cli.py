@@ -374,7 +374,7 @@ def _follow(store, table, scale, run_ids, console, poll_s: float = 5.0) -> int:
             console.print("stopped following (the jobs go on; 'run_suite status' shows them)")
             return 130
     statuses = [r.status for r in store.runs(run_ids).values()]
-    console.print(_status_view(store, table, scale))
+    console.print(_status_view(store, table, scale if scale in suites.SCALES else None))
     return 0 if all(status in FINAL for status in statuses) else 1
 
 

@@ -273,7 +273,7 @@ def test_slurm_fills_the_same_rows_as_local(slurm, postgres_server, tmp_path):
                       and " running " in s[1] and s[1], 300, what="status showing a running run")
     assert "smoke" in seen and "vm" in seen or os.uname().nodename in seen
     code, out, err = finish(run_suite("status", "table4", "--db", url, "--wait"))
-    assert code == 0 and "finished" in out, (out, err)
+    assert code == 0 and out.count("│ finished ") == 2 and "(2 runs)" in out, (out, err)
     local_runs, local_metrics = assert_each_run_once(local_url, rows)
     runs, metrics = assert_each_run_once(url, rows)
     assert set(runs.executor) == {"slurm"} and all(runs.slurm_job_id.str.match(r"^\d+_\d$"))
