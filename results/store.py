@@ -192,10 +192,10 @@ class Store:
             raise
         except OperationalError as e:
             self.engine.dispose()
-            raise StoreError(f"cannot open database {self.url}: {_reason(e)}") from None
+            raise StoreError(f"cannot open database {self.url}: {error_reason(e)}") from None
         except SQLAlchemyError as e:
             self.engine.dispose()
-            raise StoreError(f"cannot use database {self.url}: {_reason(e)}") from None
+            raise StoreError(f"cannot use database {self.url}: {error_reason(e)}") from None
 
     # -- schema --------------------------------------------------------------------------------------------------
     def _alembic(self, connection) -> Config:
@@ -490,8 +490,9 @@ class Store:
             return {p.key: json.loads(p.value) for p in s.scalars(select(Param).where(Param.run_id == run_id))}
 
 
-def _reason(error: SQLAlchemyError) -> str:
-    """The first line of the driver's message (never the URL, so never a password)."""
+def error_reason(error: BaseException) -> str:
+    """The first line of an error's message; for a database error, the driver's (never the URL, so never a
+    password)."""
     orig = getattr(error, "orig", None) or error
     lines = str(orig).strip().splitlines()
     return lines[0] if lines else type(error).__name__

@@ -515,8 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         Console(stderr=True).print(f"run_suite: error: {e}", style="red", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
     except SQLAlchemyError as e:  # the database went away under a run: say so, no traceback, never the URL
-        from results.store import _reason
-        Console(stderr=True).print(f"run_suite: database error: {_reason(e)}; runs held by this invocation are "
+        from results import error_reason
+        Console(stderr=True).print(f"run_suite: database error: {error_reason(e)}; runs held by this invocation are "
                                    "retried by the next one once their lease expires", style="red",
                                    highlight=False, soft_wrap=True)
         return 1

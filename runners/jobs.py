@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from results import LeaseLost, MetricRecord, RunSpec, Store
+from results import LeaseLost, MetricRecord, RunSpec, Store, error_reason
 
 PROBE_VERSION = 1  # bump when a probe's method changes: it enters the config hash, so old runs are not reused
 
@@ -214,7 +214,7 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
                 store.finish_run(run_id, "failed", error=error, traceback=traceback.format_exc(), claim=claim)
             except Exception as db:  # noqa: BLE001 - the database itself may be what failed
                 print(f"repbench worker: {job.label}: cannot record the failure ({type(db).__name__}: "
-                      f"{_first_line(db)}); the run stays claimed until its lease expires, then it is retried",
+                      f"{error_reason(db)}); the run stays claimed until its lease expires, then it is retried",
                       file=sys.stderr, flush=True)
         return "failed"
     finally:
@@ -230,11 +230,6 @@ class Outcome:
     error: str | None = None
     diverged_step: int | None = None
     signum: int | None = None
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def _requeue(slurm_job_id: str) -> None:
