@@ -50,9 +50,9 @@ class ReparamBlock(nn.Module, ABC):
     def to_deploy(self) -> nn.Conv2d:
         g = self.geometry
         kernel, bias = self.equivalent_kernel_bias()
-        conv = nn.Conv2d(g.in_channels, g.out_channels, g.kernel_size, g.stride, g.padding, g.dilation, g.groups,
-                         bias=True, device=kernel.device, dtype=kernel.dtype)
-        conv.weight.copy_(kernel)
+        conv = nn.utils.skip_init(nn.Conv2d, g.in_channels, g.out_channels, g.kernel_size, g.stride, g.padding,
+                                  g.dilation, g.groups, bias=True, device=kernel.device, dtype=kernel.dtype)
+        conv.weight.copy_(kernel)  # skip_init: no random init of weights that are overwritten at once
         conv.bias.copy_(bias)
         return conv
 

@@ -219,6 +219,10 @@ def cmd_run(argv, console: Console) -> int:
     except StoreError as e:
         raise BadInput(str(e)) from None
     os.environ.update(secret_env)
+    executor = None
+    if args.executor == "local":
+        from runners.executors import LocalExecutor
+        executor = LocalExecutor()
     try:
         todo = []
         for job in jobs:
@@ -235,14 +239,12 @@ def cmd_run(argv, console: Console) -> int:
                       f"({len(jobs) - len(todo)} already done), executor {args.executor}, database {store.url}")
         if args.executor == "slurm":
             return _submit(todo, store, table, args, site, console)
-        return _run_local(todo, store, table, args, console)
+        return _run_local(executor, todo, store, table, args, console)
     finally:
         store.close()
 
 
-def _run_local(todo, store, table, args, console) -> int:
-    from runners.executors import LocalExecutor
-    executor = LocalExecutor()
+def _run_local(executor, todo, store, table, args, console) -> int:
     start = time.perf_counter()
     statuses, shown, interrupted = {}, set(), False
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

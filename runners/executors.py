@@ -5,6 +5,7 @@ once however many invocations, array tasks or workers meet it."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -21,8 +22,10 @@ from .launch import free_port
 Progress = Callable[[Job, str], None]   # a job's run has ended here (its status)
 Waiting = Callable[[list], None]        # runs held by other workers that this invocation waits for
 
-# Preloaded once by the fork server, so that each job starts in milliseconds, not seconds.
-PRELOAD = ["torch", "torchvision", "mmengine.runner", "sqlalchemy", "alembic", "backbones", "results", "suites",
+# Preloaded once by the fork server, so that each job starts in milliseconds, not seconds (torch._dynamo: what the
+# first optimizer imports; matplotlib: what MMEngine's Visualizer imports when a Runner is built).
+PRELOAD = ["torch", "torch._dynamo", "torchvision", "mmengine.runner", "mmengine.visualization", "matplotlib.figure",
+           "matplotlib.backends.backend_agg", "sqlalchemy", "alembic", "backbones", "results", "suites",
            "runners.jobs", "runners.launch", "runners.probes", "runners.train"]
 
 
@@ -31,15 +34,21 @@ EXIT_CODES = {"finished": 0, "diverged": 0, "failed": 1, "held": 3, "lost": 3, "
 
 
 def _worker(job: Job, rank: int = 0, port: int | None = None) -> None:
-    from .probes import _die_with_parent
+    from .probes import _die_with_parent, start_clean_fork_server
     _die_with_parent()  # a killed run_suite takes its jobs with it; the re-run then retries them
+    if rank == 0:  # first thing, while the process is fresh: memory probes then use the timing's thread count
+        start_clean_fork_server()
     # Ctrl-C in the terminal reaches the whole process group: run_suite alone handles it and stops its workers
     # with SIGTERM, on which they checkpoint (runners/train.py) and record the run as preempted.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if job.devices > 1:  # what torchrun would set; execute() reads it (runners/launch.py)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(job.devices), LOCAL_RANK=str(rank),
                           LOCAL_WORLD_SIZE=str(job.devices), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    sys.exit(EXIT_CODES[execute(job)])
+    status = execute(job)  # recorded in the database by now
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(EXIT_CODES[status])  # without the interpreter's teardown: a second per job of freeing models piecewise
 
 
 def claimable(run, since_ms: int | None, force: bool) -> bool:
@@ -63,6 +72,8 @@ class LocalExecutor:
     def __init__(self, poll_s: float = 2.0):
         self._context = mp.get_context("forkserver")
         self._context.set_forkserver_preload(PRELOAD)
+        from multiprocessing import forkserver
+        forkserver.ensure_running()  # it imports PRELOAD (seconds) while the caller goes on planning
         self.poll_s = poll_s
         self._processes: list = []
         self._current: tuple[Job, Store] | None = None
@@ -138,13 +149,14 @@ class LocalExecutor:
 def _join_group(processes, poll_s: float = 0.2) -> list[int]:
     """Wait for all ranks; as soon as one exits non-zero the others are terminated (no rank waits on a dead peer
     until a collective times out). Returns the exit codes."""
+    from multiprocessing.connection import wait
     while any(p.is_alive() for p in processes):
         if any(p.exitcode not in (None, 0, EXIT_CODES["held"], EXIT_CODES["preempted"]) for p in processes):
             for p in processes:
                 if p.is_alive():
                     p.terminate()
             break
-        time.sleep(poll_s)
+        wait([p.sentinel for p in processes if p.is_alive()], timeout=poll_s)  # wakes as soon as one exits
     for p in processes:
         p.join(30)
         if p.is_alive():

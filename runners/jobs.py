@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,7 +20,24 @@ from pathlib import Path
 
 from results import LeaseLost, MetricRecord, RunSpec, Store, error_reason
 
-PROBE_VERSION = 1  # bump when a probe's method changes: it enters the config hash, so old runs are not reused
+PROBE_VERSION = 2  # bump when a probe's method changes: it enters the config hash, so old runs are not reused
+FINGERPRINTED = ("backbones", "runners")  # packages whose source enters every run's config hash
+
+
+@functools.cache
+def code_fingerprint() -> dict:
+    """What measured a run, for its config hash: the probe-protocol version and a digest of the source of the
+    packages that build the models and run the probes (every ``*.py`` under backbones/ and runners/). A code change
+    there gives new run keys: old numbers are never reused for, or averaged with, new ones (the report lists them as
+    superseded)."""
+    import importlib
+    digest = hashlib.sha256()
+    for package in FINGERPRINTED:
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+    return {"probe_version": PROBE_VERSION, "source": digest.hexdigest()[:16]}
 
 
 @dataclass
@@ -89,14 +107,21 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
     recipe = table.recipes[scale].following(follow)
     batches = batch_plan(recipe, devices)
     rows = [table.row(name) for name in only] if only else list(table.rows)
+    costs = {"train_memory", "time_per_batch"} & set(table.metrics)
+
+    def model_of(row) -> dict:
+        return {"arch": row.arch, "rep": row.rep, "variant": resolve_variant(row.rep, row.variant).as_dict()}
+
     jobs = []
     for row in rows:
+        # the group's baseline model is re-measured in every row's run, interleaved with the row's own (its ratios)
+        baseline = table.baseline_of(row) if costs else None
         for seed in range(seeds):
             config = {
-                "table": table.key, "row": row.name, "scale": scale, "seed": seed,
-                "arch": row.arch, "rep": row.rep, "variant": resolve_variant(row.rep, row.variant).as_dict(),
+                "table": table.key, "row": row.name, "scale": scale, "seed": seed, **model_of(row),
+                "baseline": {"row": baseline, **model_of(table.row(baseline))} if baseline else None,
                 "num_classes": NUM_CLASSES[recipe.dataset], "recipe": recipe.as_dict(), **batches,
-                "metrics": list(table.metrics), "probe_version": PROBE_VERSION,
+                "metrics": list(table.metrics), "code": code_fingerprint(),
             }
             chash = config_hash(config)
             spec = RunSpec(run_key(table.key, row.name, scale, seed, chash), table.key, row.name, scale, seed, chash,
@@ -146,7 +171,6 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
 
     import torch
 
-    from backbones import build_classifier
     from suites import Recipe
     from .claims import Heartbeat, lease_seconds
     from .launch import DistEnv, cpus_available, destroy_process_group, init_process_group
@@ -183,18 +207,16 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
                 torch.distributed.barrier()  # nobody reads a checkpoint that --force is removing
             c = job.config
             recipe = Recipe.from_dict(c["recipe"])
-            torch.manual_seed(c["seed"])
-
-            def factory():
-                return build_classifier(c["arch"], c["rep"], c["num_classes"], c["variant"])
-
+            trains = "top1" in c["metrics"] and recipe.train_accuracy
+            model = None
             if dist.is_main:
                 store.log_environment(run_id, environment(device), owner=claim.owner)
-                _measure_costs(store, claim, factory, recipe, c, device)
+                model = _measure_costs(store, claim, job, recipe, device, keep_initial=trains)
             outcome = Outcome("finished")
-            if "top1" in c["metrics"] and recipe.train_accuracy:
-                torch.manual_seed(c["seed"])  # the initial weights do not depend on which probes ran before
-                outcome = _train(store, claim, job, factory(), recipe, device, dist)
+            if trains:
+                if model is None:  # the other ranks build it with the same seed (DDP broadcasts rank 0's anyway)
+                    model = _seeded_build(c["seed"], c["arch"], c["rep"], c["num_classes"], c["variant"])
+                outcome = _train(store, claim, job, model, recipe, device, dist)
             if dist.is_main:
                 run_status = "scheduled" if outcome.status == "preempted" else outcome.status
                 store.finish_run(run_id, run_status, error=outcome.error, diverged_step=outcome.diverged_step,
@@ -241,34 +263,58 @@ def _requeue(slurm_job_id: str) -> None:
               flush=True)
 
 
-def _measure_costs(store: Store, claim, factory, recipe, c: dict, device: str) -> None:
-    """The cost probes of runners/probes.py, on rank 0, before training."""
+def _seeded_build(seed: int, arch: str, rep: str, num_classes: int, variant):
+    """The row's model with its initial weights drawn from the run's seed, whatever ran before."""
+    import torch
+
+    from backbones import build_classifier
+    torch.manual_seed(seed)
+    return build_classifier(arch, rep, num_classes, variant)
+
+
+def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_initial: bool = False):
+    """The cost probes (runners/probes.py, compare_costs) on rank 0, before training: the row's model and its group's
+    baseline model in this one process, interleaved, with the row's ratios to the baseline; the machine's load while
+    timing. Each model is built once; ``keep_initial``: returns a copy of the row's model as built (the training run
+    starts from it)."""
+    import copy
+
     import torch
 
     from backbones import deploy
     from . import probes
 
-    context = dict(device=probes.device_name(device), dtype="float32", threads=torch.get_num_threads())
-    cost = dict(batch=recipe.cost_batch, resolution=recipe.cost_resolution, **context)
+    c = job.config
+    build = functools.partial(_seeded_build, c["seed"], num_classes=c["num_classes"])
+    row = c["row"]
+    factories = {row: functools.partial(build, c["arch"], c["rep"], variant=c["variant"])}
+    baseline = c["baseline"]["row"] if c["baseline"] else None
+    if baseline and baseline != row:
+        b = c["baseline"]
+        factories[baseline] = functools.partial(build, b["arch"], b["rep"], variant=b["variant"])
+    wanted = tuple(p for p in ("train_memory", "time_per_batch") if p in c["metrics"]) + ("params_macs", "inference")
+    setting = probes.CostSetting(recipe.cost_batch, recipe.cost_resolution, c["num_classes"], device,
+                                 recipe.cost_warmup, recipe.cost_steps, recipe.memory_cap_gb, recipe.latency_batch,
+                                 recipe.throughput_batch)
+    initial = {}
 
-    def record(m: probes.Measurement, **where):
-        records = [MetricRecord(m.name, m.value, m.unit, method=m.method, **where)]
+    def keep(name, model):
+        if keep_initial and name == row:
+            initial[name] = copy.deepcopy(model)
+
+    results, load = probes.compare_costs(factories, baseline, setting, deploy, wanted, on_built=keep)
+    name = probes.device_name(device)
+    records = [MetricRecord(m.name, m.value, m.unit, method=m.method, device=name, dtype="float32")
+               for m in load.measurements()]
+    for m in results[row]:
+        where = dict(device=name, dtype="float32", batch=m.batch, resolution=m.resolution, threads=m.threads)
+        records.append(MetricRecord(m.name, m.value, m.unit, method=m.method, **where))
         records += [MetricRecord(k, v, m.unit, method=m.method, **where) for k, v in m.extra.items()]
-        store.log_metrics(claim.run_id, records, owner=claim.owner)
-
-    if "train_memory" in c["metrics"]:
-        record(probes.probe_train_memory(factory, recipe.cost_batch, recipe.cost_resolution, c["num_classes"],
-                                         device, recipe.cost_warmup, recipe.memory_cap_gb), **cost)
-    if "time_per_batch" in c["metrics"]:
-        record(probes.probe_train_time(factory(), recipe.cost_batch, recipe.cost_resolution, c["num_classes"],
-                                       device, recipe.cost_warmup, recipe.cost_steps), **cost)
-    for m in probes.probe_params_macs(factory, deploy, 224):
-        record(m, resolution=224, dtype="float32")
-    deployed = deploy(factory())
-    for m in probes.probe_inference(deployed, recipe.cost_resolution, device, recipe.latency_batch,
-                                    recipe.throughput_batch, recipe.cost_warmup, recipe.cost_steps):
-        record(m, batch=recipe.latency_batch if m.name == "latency" else recipe.throughput_batch,
-               resolution=recipe.cost_resolution, **context)
+    store.log_metrics(claim.run_id, records, owner=claim.owner)
+    if load.busy:
+        print(f"repbench worker: {job.label}: warning: the machine was busy: {load.describe()}", file=sys.stderr,
+              flush=True)
+    return initial.get(row)
 
 
 def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> Outcome:

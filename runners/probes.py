@@ -16,10 +16,16 @@ Protocol (DESIGN.md, "Measurement protocol"):
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 import multiprocessing as mp
 import os
+import re
 import resource
+import signal
 import statistics
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -46,6 +52,10 @@ class Measurement:
     method: str
     extra: dict = field(default_factory=dict)  # further named values of the same probe (same unit)
     oom: bool = False
+    batch: int | None = None        # the conditions it was measured under, stored with it
+    resolution: int | None = None
+    threads: int | None = None
+    samples: list[float] = field(default_factory=list, repr=False)  # per-step times, for ratios (not stored)
 
 
 def device_name(device: str) -> str:
@@ -92,31 +102,57 @@ def probe_train_time(model: nn.Module, batch: int, resolution: int, num_classes:
                                         steps)["model"]
 
 
-def probe_train_time_interleaved(models: dict[str, nn.Module], batch: int, resolution: int, num_classes: int,
-                                 device: str = "cpu", warmup: int = 2, steps: int = 5) -> dict[str, Measurement]:
-    """Time several models step by step in turn (A, B, C, A, B, C, ...), so that drift of the machine (clock,
-    thermal, other load) hits every model alike; one model is the plain case."""
-    train_steps = {name: make_train_step(m, batch, resolution, num_classes, device) for name, m in models.items()}
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
+
+
+def _interleaved(calls: dict[str, Callable[[], object]], device: str, warmup: int, steps: int) -> dict[str, list]:
+    """Each call's time, ``steps`` times in turn (A, B, A, B, ...) after ``warmup`` rounds, so that drift of the
+    machine (clock, thermal, other load) hits every model alike."""
     for _ in range(warmup):
-        for step in train_steps.values():
-            step()
+        for call in calls.values():
+            call()
     synchronize(device)
-    times: dict[str, list[float]] = {name: [] for name in models}
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(steps):
-        for name, step in train_steps.items():
+        for name, call in calls.items():
             start = time.perf_counter()
-            step()
+            call()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def probe_train_time_interleaved(models: dict[str, nn.Module], batch: int, resolution: int, num_classes: int,
+                                 device: str = "cpu", warmup: int = 2, steps: int = 5) -> dict[str, Measurement]:
+    """Time several models step by step in turn; their per-step times (``samples``) pair up for ratios."""
+    train_steps = {name: make_train_step(m, batch, resolution, num_classes, device) for name, m in models.items()}
+    times = _interleaved(train_steps, device, warmup, steps)
     how = (f"median of {steps} timed fwd+bwd+SGD steps after {warmup} warm-up, synchronised, fixed batch, "
-           f"{torch.get_num_threads()} threads" + (f", interleaved with {len(models) - 1} other models"
+           f"{torch.get_num_threads()} threads" + (f", interleaved with {len(models) - 1} other model(s)"
                                                    if len(models) > 1 else ""))
     results = {}
     for name, ts in times.items():
-        q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
-        results[name] = Measurement("time_per_batch", statistics.median(ts), "s", how,
-                                    extra={"time_per_batch_iqr": q[2] - q[0]})
+        q1, median, q3 = _quartiles(ts)
+        results[name] = Measurement("time_per_batch", median, "s", how, extra={"time_per_batch_iqr": q3 - q1},
+                                    batch=batch, resolution=resolution, threads=torch.get_num_threads(),
+                                    samples=ts)
     return results
+
+
+def paired_ratio(name: str, mine: Measurement, base: Measurement, baseline: str, invert: bool = False
+                 ) -> Measurement:
+    """The ratio of two models timed interleaved: the median of the per-step ratios (``invert``: base / mine, for a
+    rate such as throughput) with their interquartile interval (``extra``: ``<name>_q1``, ``<name>_q3``)."""
+    pairs = [(b / m if invert else m / b) for m, b in zip(mine.samples, base.samples) if m > 0 and b > 0]
+    q1, median, q3 = _quartiles(pairs)
+    return Measurement(name, median, "x", f"median of {len(pairs)} per-step ratios to {baseline}, timed interleaved "
+                       "in the same process; interquartile interval stored beside it",
+                       extra={f"{name}_q1": q1, f"{name}_q3": q3}, batch=mine.batch, resolution=mine.resolution,
+                       threads=mine.threads)
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------------
@@ -144,34 +180,130 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_PROBE_CGROUP = re.compile(r"repbench-probe-(\d+)-\d+")
+LEAF = "repbench-procs"  # cgroup v2: where the processes of a cgroup go so that it may delegate memory to probes
+
+
+def _own_memory_cgroup() -> tuple[Path, str] | tuple[None, str]:
+    """This process's memory cgroup as a directory, and ``v1`` or ``v2`` (or None and why not). Read from
+    /proc/self/cgroup and /proc/self/mountinfo, so that cgroup namespaces and bind-mounted subtrees resolve."""
+    try:
+        memberships = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+        mounts = [line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    except OSError as e:
+        return None, f"cannot read /proc/self/cgroup ({e.strerror})"
+
+    def mount_of(fstype: str, option: str | None):
+        for fields in mounts:
+            sep = fields.index("-")
+            if fields[sep + 1] == fstype and (option is None or option in fields[sep + 3].split(",")):
+                return Path(fields[4]), fields[3]
+        return None, None
+
+    for hierarchy, controllers, path in memberships:
+        if "memory" in controllers.split(","):  # cgroup v1 memory controller (also on hybrid hosts)
+            version, (mount, root) = "v1", mount_of("cgroup", "memory")
+            break
+    else:
+        path = next((p for h, c, p in memberships if h == "0" and c == ""), None)
+        version, (mount, root) = "v2", mount_of("cgroup2", None) if path is not None else (None, None)
+    if mount is None:
+        return None, "no memory cgroup hierarchy mounted"
+    relative = os.path.relpath(path, root) if root != "/" else path.lstrip("/")
+    if relative.startswith(".."):
+        return None, f"own cgroup {path} is outside the mounted subtree {root}"
+    own = (mount / relative).resolve()
+    if version == "v2" and own.name == LEAF:  # moved there by an earlier probe: the cgroup that delegates is above
+        own = own.parent
+    return own, version
+
+
+@functools.cache
+def _cgroup_home() -> tuple[Path | None, str]:
+    """The directory under which this process makes its probe cgroups, once per process: inside its own memory
+    cgroup, so that a probe stays under its container's or Slurm job's limit. cgroup v2 lets a cgroup delegate
+    memory to children only when it holds no process itself (the no-internal-process rule): its processes move into
+    a leaf child first (``repbench-procs``; the limits above them are unchanged). Leftover cgroups of killed probes
+    are removed here. Returns (None, why) where that is not permitted: the caller falls back to RLIMIT_AS."""
+    own, version = _own_memory_cgroup()
+    if own is None:
+        return None, version
+    try:
+        if version == "v2":
+            enabled = (own / "cgroup.subtree_control").read_text().split()
+            if "memory" not in enabled:
+                if "memory" not in (own / "cgroup.controllers").read_text().split():
+                    return None, f"the memory controller is not delegated to {own}"
+                leaf = own / LEAF
+                leaf.mkdir(exist_ok=True)
+                for pid in (own / "cgroup.procs").read_text().split():
+                    try:
+                        (leaf / "cgroup.procs").write_text(pid)
+                    except ProcessLookupError:
+                        pass
+                (own / "cgroup.subtree_control").write_text("+memory")
+        elif not (own / "memory.limit_in_bytes").exists():
+            return None, f"{own} has no memory.limit_in_bytes"
+    except OSError as e:
+        return None, f"cannot delegate memory below {own} ({e.strerror or e})"
+    for stale in own.glob("repbench-probe-*"):
+        match = _PROBE_CGROUP.fullmatch(stale.name)
+        if match and not _pid_alive(int(match.group(1))):
+            try:
+                stale.rmdir()
+            except OSError:
+                pass
+    return own, version
+
+
+def memory_cap_mode() -> str:
+    """``$REPBENCH_MEMORY_CAP``: ``auto`` (default: a cgroup where permitted, else RLIMIT_AS) or ``rlimit``."""
+    mode = os.environ.get("REPBENCH_MEMORY_CAP", "auto")
+    if mode not in ("auto", "rlimit"):
+        raise ValueError(f"REPBENCH_MEMORY_CAP must be auto or rlimit, not {mode!r}")
+    return mode
+
+
+_probe_count = itertools.count()
+
+
 @contextmanager
 def memory_cgroup(cap_bytes: int):
-    """A fresh memory cgroup (v2 or v1) limited to ``cap_bytes``, or None where cgroups are not writable."""
-    candidates = [(Path("/sys/fs/cgroup"), "memory.max"), (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes")]
-    for root, limit_file in candidates:
-        if not (root / limit_file).exists() and not (root / "cgroup.procs").exists():
-            continue
-        if root == Path("/sys/fs/cgroup") and not (root / "cgroup.controllers").exists():
-            continue
-        path = root / f"repbench-{os.getpid()}-{time.monotonic_ns()}"
-        try:
-            path.mkdir()
-            (path / limit_file).write_text(str(cap_bytes))
-        except OSError:
-            if path.exists():
-                path.rmdir()
-            continue
-        try:
-            yield path
-        finally:
-            for _ in range(50):
-                try:
-                    path.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.05)
+    """A fresh memory cgroup limited to ``cap_bytes`` inside this process's own (see :func:`_cgroup_home`), yielded
+    as (path, None), or (None, why not)."""
+    home, why = _cgroup_home() if memory_cap_mode() == "auto" else (None, "REPBENCH_MEMORY_CAP=rlimit")
+    if home is None:
+        yield None, why
         return
-    yield None
+    limit_file = "memory.max" if why == "v2" else "memory.limit_in_bytes"
+    path = home / f"repbench-probe-{os.getpid()}-{next(_probe_count)}"
+    try:
+        path.mkdir()
+        (path / limit_file).write_text(str(cap_bytes))
+    except OSError as e:
+        if path.exists():
+            path.rmdir()
+        yield None, f"cannot make a cgroup in {home} ({e.strerror or e})"
+        return
+    try:
+        yield path, None
+    finally:
+        for _ in range(50):
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
 
 
 def _die_with_parent() -> None:
@@ -182,11 +314,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def _capped_child(conn, cgroup: Path | None, cap_bytes: int, fn, args):
+_ALLOCATION_FAILED = ("can't allocate memory", "DefaultCPUAllocator", "std::bad_alloc", "Cannot allocate memory")
+
+
+def _capped_child(conn, cgroup: Path | None, cap_bytes: int, threads: int, fn, args):
     _die_with_parent()
-    # OpenMP's thread pool does not survive fork (a child of a parent that already ran parallel ops hangs), so the
-    # child measures memory with one intra-op thread, as DataLoader workers do.
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     if cgroup is not None:
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     else:
@@ -196,33 +329,112 @@ def _capped_child(conn, cgroup: Path | None, cap_bytes: int, fn, args):
         conn.send(("ok", fn(*args)))
     except MemoryError:
         conn.send(("oom", None))
+    except RuntimeError as e:  # under RLIMIT_AS, torch's allocator raises this rather than MemoryError
+        conn.send(("oom", None) if any(s in str(e) for s in _ALLOCATION_FAILED) else
+                  ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
         conn.close()
 
 
-def run_capped(fn, args: tuple, cap_bytes: int) -> tuple[str, object, str]:
-    """Run ``fn(*args)`` in a forked child under a memory cap. Returns (status, result, cap method) with status
-    ``ok``, ``oom`` (killed by the cgroup, exit 137, or MemoryError under RLIMIT_AS) or ``error``."""
-    ctx = mp.get_context("fork")
-    with memory_cgroup(cap_bytes) as cgroup:
+def _run_capped_here(fn, args: tuple, cap_bytes: int, threads: int) -> tuple[str, object, str, int]:
+    with memory_cgroup(cap_bytes) as (cgroup, why_not):
         method = f"cgroup memory limit {cap_bytes / GIB:.1f} GiB" if cgroup else \
-            f"RLIMIT_AS = virtual size + {cap_bytes / GIB:.1f} GiB"
-        receive, send = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_capped_child, args=(send, cgroup, cap_bytes, fn, args))
-        child.start()
+            f"RLIMIT_AS = virtual size + {cap_bytes / GIB:.1f} GiB ({why_not})"
+        receive, send = mp.Pipe(duplex=False)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the caller's code
+            try:
+                receive.close()
+                _capped_child(send, cgroup, cap_bytes, threads, fn, args)
+            finally:
+                os._exit(0)
         send.close()
         try:
             status, result = receive.recv()
         except EOFError:
             status, result = None, None
-        child.join()
+        receive.close()
+        exitcode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     if status is None:
-        if child.exitcode in (-9, 137):
-            return "oom", None, method
-        return "error", f"memory probe child exited with code {child.exitcode}", method
-    return status, result, method
+        if exitcode in (-9, 137):
+            return "oom", None, method, threads
+        return "error", f"memory probe child exited with code {exitcode}", method, threads
+    return status, result, method, threads
+
+
+class CleanForkServer:
+    """A process forked before this one ran any parallel torch op, which forks the memory probes' children.
+
+    libgomp's thread pool does not survive fork: a child of a process that already ran OpenMP work hangs in its first
+    parallel op unless it uses one thread (as DataLoader workers do). Children of this server may use as many threads
+    as the timing probes do, so that memory is measured at the same thread count. Start it first thing in a fresh
+    process (:func:`start_clean_fork_server`); elsewhere probes fork directly and use one thread."""
+
+    def __init__(self):
+        import torch._dynamo  # noqa: F401 - what every optimizer imports at creation: once here, not in each child
+        self._conn, theirs = mp.Pipe()
+        self._lock = threading.Lock()
+        self.owner = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                self._conn.close()
+                self._serve(theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+
+    @staticmethod
+    def _serve(conn) -> None:
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when probing stops
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        while True:
+            try:
+                fn, args, cap_bytes, threads = conn.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                conn.send(_run_capped_here(fn, args, cap_bytes, threads))
+            except BaseException as e:  # noqa: BLE001 - e.g. a cgroup error: reported like a child's error
+                conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", "", threads))
+
+    def run(self, fn, args: tuple, cap_bytes: int, threads: int):
+        with self._lock:
+            self._conn.send((fn, args, cap_bytes, threads))
+            return self._conn.recv()
+
+
+_SERVER: CleanForkServer | None = None
+
+
+def start_clean_fork_server() -> bool:
+    """Start this process's :class:`CleanForkServer`, if the process is still single-threaded (no OpenMP pool, no
+    other thread: forking is safe). Returns whether one runs."""
+    global _SERVER
+    if _SERVER is None and len(os.listdir("/proc/self/task")) == 1:
+        _SERVER = CleanForkServer()
+    return _SERVER is not None
+
+
+def clean_fork_server_running() -> bool:
+    """Whether this process's memory probes fork from its :class:`CleanForkServer`."""
+    return _SERVER is not None and _SERVER.owner == os.getpid()
+
+
+def run_capped(fn, args: tuple, cap_bytes: int, threads: int | None = None) -> tuple[str, object, str, int]:
+    """Run ``fn(*args)`` in a fresh child process under a memory cap. Returns (status, result, cap method, threads the
+    child used) with status ``ok``, ``oom`` (killed by the cgroup, or an allocation failure under RLIMIT_AS) or
+    ``error``. The child uses ``threads`` (default: this process's count) where it can be forked safely (from the
+    clean fork server, or from a process that is still single-threaded), else one thread."""
+    threads = threads or torch.get_num_threads()
+    if clean_fork_server_running():
+        return _SERVER.run(fn, args, cap_bytes, threads)
+    if len(os.listdir("/proc/self/task")) > 1:
+        threads = 1
+    return _run_capped_here(fn, args, cap_bytes, threads)
 
 
 def _measure_step_memory(factory: ModelFactory, batch: int, resolution: int, num_classes: int, device: str,
@@ -255,26 +467,30 @@ def _measure_step_memory(factory: ModelFactory, batch: int, resolution: int, num
 def probe_train_memory(factory: ModelFactory, batch: int, resolution: int, num_classes: int, device: str = "cpu",
                        warmup: int = 1, cap_gb: float = 16.0) -> Measurement:
     """Peak training memory in GiB (see the module docstring); ``extra['train_memory_step']`` is the growth during
-    the measured step alone."""
+    the measured step alone. On CPU ``threads`` is the count the child process really used."""
     cap = int(cap_gb * GIB)
+    where = dict(batch=batch, resolution=resolution)
     if device.startswith("cuda"):
         method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
         try:
             peak, step = _measure_step_memory(factory, batch, resolution, num_classes, device, warmup)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            return Measurement("train_memory", None, "GiB", f"CUDA OOM; {method}", oom=True)
-        return Measurement("train_memory", peak / GIB, "GiB", method, extra={"train_memory_step": step / GIB})
-    status, result, cap_method = run_capped(_measure_step_memory,
-                                            (factory, batch, resolution, num_classes, device, warmup), cap)
-    method = (f"CPU child process (1 thread): VmHWM (reset via /proc/self/clear_refs before the step after {warmup} "
-              f"warm-up) minus RSS after import torch; {cap_method}")
+            return Measurement("train_memory", None, "GiB", f"CUDA OOM; {method}", oom=True, **where)
+        return Measurement("train_memory", peak / GIB, "GiB", method, extra={"train_memory_step": step / GIB},
+                           threads=torch.get_num_threads(), **where)
+    status, result, cap_method, threads = run_capped(_measure_step_memory,
+                                                     (factory, batch, resolution, num_classes, device, warmup), cap)
+    method = (f"CPU child process ({threads} thread(s)): VmHWM (reset via /proc/self/clear_refs before the step "
+              f"after {warmup} warm-up) minus RSS at the child's start, before the model is built; {cap_method}")
     if status == "oom":
-        return Measurement("train_memory", None, "GiB", f"OOM at budget {cap_gb:g} GiB; {method}", oom=True)
+        return Measurement("train_memory", None, "GiB", f"OOM at budget {cap_gb:g} GiB; {method}", oom=True,
+                           threads=threads, **where)
     if status == "error":
         raise RuntimeError(result)
     peak, step = result
-    return Measurement("train_memory", peak / GIB, "GiB", method, extra={"train_memory_step": step / GIB})
+    return Measurement("train_memory", peak / GIB, "GiB", method, extra={"train_memory_step": step / GIB},
+                       threads=threads, **where)
 
 
 def probe_max_batch_size(factory: ModelFactory, resolution: int, num_classes: int, device: str = "cpu",
@@ -283,13 +499,8 @@ def probe_max_batch_size(factory: ModelFactory, resolution: int, num_classes: in
     papers' GPU numbers). Bounded binary search, each try in a capped child."""
 
     def fits(batch: int) -> bool:
-        if device.startswith("cuda"):
-            return not probe_train_memory(factory, batch, resolution, num_classes, device, 0, cap_gb).oom
-        status, result, _ = run_capped(_measure_step_memory,
-                                       (factory, batch, resolution, num_classes, device, 0), int(cap_gb * GIB))
-        if status == "error":
-            raise RuntimeError(result)
-        return status == "ok"
+        m = probe_train_memory(factory, batch, resolution, num_classes, device, 0, cap_gb)
+        return not m.oom
 
     best = 0
     while low <= high:
@@ -299,7 +510,8 @@ def probe_max_batch_size(factory: ModelFactory, resolution: int, num_classes: in
         else:
             high = mid - 1
     where = "CUDA OOM" if device.startswith("cuda") else f"CPU memory budget {cap_gb:g} GiB (not comparable to GPU)"
-    return Measurement("max_batch_size", best or None, "images", f"binary search, one training step, {where}")
+    return Measurement("max_batch_size", best or None, "images", f"binary search, one training step, {where}",
+                       resolution=resolution)
 
 
 # ---- params, MACs, inference -----------------------------------------------------------------------------------------
@@ -319,44 +531,220 @@ def count_macs(model: nn.Module, resolution: int) -> int:
     return counter.get_total_flops() // 2
 
 
+def _on_meta(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose tensors live on the meta device (shapes only), for counting MACs without compute."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def params_macs(model: nn.Module, form: str, resolution: int = 224) -> list[Measurement]:
+    """Parameters and MACs of ``model`` in its ``form`` (train or deploy); MACs counted on a meta-device copy."""
+    how = "training form (eval mode, kernel composition included)" if form == "train" else "deployed form"
+    return [Measurement(f"params_{form}", count_params(model), "params", f"numel of all parameters, {form} form"),
+            Measurement(f"macs_{form}", count_macs(_on_meta(model), resolution), "MACs",
+                        f"torch FlopCounterMode / 2, batch 1, {resolution}x{resolution}, {how}",
+                        batch=1, resolution=resolution)]
+
+
 def probe_params_macs(factory: ModelFactory, deploy: Callable[[nn.Module], nn.Module],
                       resolution: int = 224) -> list[Measurement]:
+    """Params and MACs of the training and the deployed form of a model built (and deployed) on the meta device."""
     with torch.device("meta"):
         model = factory()
-    out = [Measurement("params_train", count_params(model), "params", "numel of all parameters, training form"),
-           Measurement("macs_train", count_macs(model, resolution), "MACs",
-                       f"torch FlopCounterMode / 2, batch 1, {resolution}x{resolution}, training form (eval mode, "
-                       "kernel composition included)")]
-    deploy(model)
-    out += [Measurement("params_deploy", count_params(model), "params", "numel of all parameters, deployed form"),
-            Measurement("macs_deploy", count_macs(model, resolution), "MACs",
-                        f"torch FlopCounterMode / 2, batch 1, {resolution}x{resolution}, deployed form")]
-    return out
+        out = params_macs(model, "train", resolution)
+        return out + params_macs(deploy(model), "deploy", resolution)
 
 
 def probe_inference(model: nn.Module, resolution: int, device: str = "cpu", latency_batch: int = 1,
                     throughput_batch: int = 128, warmup: int = 2, steps: int = 5) -> list[Measurement]:
-    """Latency (median, batch ``latency_batch``) and throughput (images/s at ``throughput_batch``) of a model in
-    eval mode under ``torch.inference_mode`` (pass the deployed model)."""
-    model.to(device).eval()
-    results = []
+    return probe_inference_interleaved({"model": model}, resolution, device, latency_batch, throughput_batch,
+                                       warmup, steps)["model"]
+
+
+def probe_inference_interleaved(models: dict[str, nn.Module], resolution: int, device: str = "cpu",
+                                latency_batch: int = 1, throughput_batch: int = 128, warmup: int = 2,
+                                steps: int = 5) -> dict[str, list[Measurement]]:
+    """Latency (median forward time at ``latency_batch``) and throughput (images/s at ``throughput_batch``) of models
+    in eval mode under ``torch.inference_mode``, forwards interleaved between the models (pass deployed models)."""
+    threads = torch.get_num_threads()
+    results: dict[str, list[Measurement]] = {name: [] for name in models}
+    for model in models.values():
+        model.to(device).eval()
     for batch, name in ((latency_batch, "latency"), (throughput_batch, "throughput")):
         x = torch.randn(batch, 3, resolution, resolution, device=device)
         with torch.inference_mode():
-            for _ in range(warmup):
-                model(x)
-            synchronize(device)
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                model(x)
-                synchronize(device)
-                times.append(time.perf_counter() - start)
-        median = statistics.median(times)
-        if name == "latency":
-            results.append(Measurement("latency", median, "s", f"median of {steps} forwards at batch {batch} after "
-                                       f"{warmup} warm-up, deployed model, {torch.get_num_threads()} threads"))
-        else:
-            results.append(Measurement("throughput", batch / median, "img/s",
-                                       f"batch {batch} / median forward time of {steps}, deployed model"))
+            times = _interleaved({key: functools.partial(model, x) for key, model in models.items()}, device,
+                                 warmup, steps)
+        others = f", interleaved with {len(models) - 1} other model(s)" if len(models) > 1 else ""
+        for key, ts in times.items():
+            median = statistics.median(ts)
+            if name == "latency":
+                m = Measurement("latency", median, "s", f"median of {steps} forwards at batch {batch} after "
+                                f"{warmup} warm-up, deployed model, {threads} threads{others}")
+            else:
+                m = Measurement("throughput", batch / median, "img/s", f"batch {batch} / median forward time of "
+                                f"{steps} after {warmup} warm-up, deployed model, {threads} threads{others}")
+            m.batch, m.resolution, m.threads, m.samples = batch, resolution, threads, ts
+            results[key].append(m)
     return results
+
+
+# ---- a row against its baseline, in one process ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CostSetting:
+    """Where and how a cost comparison measures: the probes' batch, resolution, steps and memory budget."""
+
+    batch: int
+    resolution: int
+    num_classes: int
+    device: str = "cpu"
+    warmup: int = 2
+    steps: int = 5
+    cap_gb: float = 16.0
+    latency_batch: int = 1
+    throughput_batch: int = 128
+    macs_resolution: int = 224
+
+
+RATIOS = {"train_memory": "train_memory_ratio", "time_per_batch": "time_per_batch_ratio",
+          "latency": "latency_ratio", "throughput": "throughput_ratio"}
+
+
+def _ratio_one(m: Measurement, baseline: str) -> Measurement:
+    return Measurement(RATIOS[m.name], 1.0, "x", f"the group's baseline ({baseline}): 1 by definition",
+                       extra={f"{RATIOS[m.name]}_q1": 1.0, f"{RATIOS[m.name]}_q3": 1.0}, batch=m.batch,
+                       resolution=m.resolution, threads=m.threads)
+
+
+def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, setting: CostSetting,
+                  deploy: Callable[[nn.Module], nn.Module], probes: tuple[str, ...] = ("train_memory",
+                  "time_per_batch", "params_macs", "inference"),
+                  on_built: Callable[[str, nn.Module], None] | None = None,
+                  log: Callable[[str], None] | None = None) -> tuple[dict[str, list[Measurement]], "Load"]:
+    """Measure every model of ``factories`` with the same probes in this process and each one's ratio to
+    ``baseline`` (one of the names, or None): memory in fresh capped children one after the other, training steps
+    interleaved, params/MACs of both forms (not of a baseline compared against others: its own run has them), then the
+    deployed models' forwards interleaved. Each model is built once
+    in this process (``on_built(name, model)`` sees it before any probe touches it), timed, then deployed in place.
+
+    Returns the measurements per name (ratios included; the baseline's ratios are 1) and the machine's load while
+    timing (:class:`Load`). A model whose memory probe hit the budget is not timed (it would not fit here either).
+    """
+    s, log = setting, log or (lambda line: None)
+    out: dict[str, list[Measurement]] = {name: [] for name in factories}
+    counted = {name for name in factories if "params_macs" in probes and (name != baseline or len(factories) == 1)}
+    memory: dict[str, Measurement] = {}
+    if "train_memory" in probes:
+        for name, factory in factories.items():  # first: this process has built nothing yet
+            log(f"memory probe of {name}")
+            memory[name] = probe_train_memory(factory, s.batch, s.resolution, s.num_classes, s.device, s.warmup,
+                                              s.cap_gb)
+            out[name].append(memory[name])
+    models = {}
+    for name, factory in factories.items():
+        models[name] = factory()
+        if on_built:
+            on_built(name, models[name])
+        if name in counted:
+            out[name] += params_macs(models[name], "train", s.macs_resolution)
+    fitting = {name: m for name, m in models.items() if not (name in memory and memory[name].oom)}
+    load = Load.start()
+    timed: dict[str, Measurement] = {}
+    if "time_per_batch" in probes and fitting:
+        log(f"timing {', '.join(fitting)} interleaved")
+        timed = probe_train_time_interleaved(fitting, s.batch, s.resolution, s.num_classes, s.device, s.warmup,
+                                             s.steps)
+        for name in models:
+            out[name].append(timed.get(name) or Measurement(
+                "time_per_batch", None, "s", f"not timed: {memory[name].method.split(';')[0]}", oom=True,
+                batch=s.batch, resolution=s.resolution))
+    inference: dict[str, list[Measurement]] = {}
+    if "params_macs" in probes or "inference" in probes:
+        for name, model in models.items():
+            models[name] = deploy(model)
+            if name in counted:  # a baseline compared against others has its own run for these
+                out[name] += params_macs(models[name], "deploy", s.macs_resolution)
+        if "inference" in probes:
+            log(f"inference of {', '.join(models)} interleaved")
+            inference = probe_inference_interleaved(models, s.resolution, s.device, s.latency_batch,
+                                                    s.throughput_batch, s.warmup, s.steps)
+            for name in models:
+                out[name] += inference[name]
+    load.stop()
+    if baseline is not None:
+        for name in factories:
+            base = {m.name: m for m in out[baseline]}
+            for m in list(out[name]):
+                if m.name not in RATIOS or m.value is None or base[m.name].value is None:
+                    continue
+                if name == baseline:
+                    out[name].append(_ratio_one(m, baseline))
+                elif m.name == "train_memory":
+                    out[name].append(Measurement("train_memory_ratio", m.value / base[m.name].value, "x",
+                                                 f"peak training memory / that of {baseline}, both measured in "
+                                                 "fresh children one after the other", batch=m.batch,
+                                                 resolution=m.resolution, threads=m.threads))
+                else:
+                    out[name].append(paired_ratio(RATIOS[m.name], m, base[m.name], baseline,
+                                                  invert=m.name == "throughput"))
+    return out, load
+
+
+# ---- the machine's load while timing ----------------------------------------------------------------------------------
+
+BUSY_SHARE = 0.25  # other processes' share of the machine's CPUs above which a timing is flagged as disturbed
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU-seconds the whole machine spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclass
+class Load:
+    """The machine's load around a timing: 1-minute load average before and after, and the share of the machine's
+    CPU time that other processes used meanwhile (busy CPU time of the machine minus this process's)."""
+
+    load_before: float = 0.0
+    load_after: float = 0.0
+    other_share: float | None = None
+    _t0: tuple = ()
+
+    @classmethod
+    def start(cls) -> "Load":
+        return cls(load_before=os.getloadavg()[0], _t0=(time.monotonic(), _busy_cpu_seconds(), _own_cpu_seconds()))
+
+    def stop(self) -> None:
+        t0, busy0, own0 = self._t0
+        elapsed = time.monotonic() - t0
+        self.load_after = os.getloadavg()[0]
+        if elapsed > 0:
+            others = (_busy_cpu_seconds() - busy0) - (_own_cpu_seconds() - own0)
+            self.other_share = min(1.0, max(0.0, others / (elapsed * (os.cpu_count() or 1))))
+
+    @property
+    def busy(self) -> bool:
+        return self.other_share is not None and self.other_share > BUSY_SHARE
+
+    def describe(self) -> str:
+        share = "unknown" if self.other_share is None else f"{100 * self.other_share:.0f}%"
+        return (f"other processes used {share} of the machine's {os.cpu_count()} CPUs while timing; load average "
+                f"{self.load_before:.2f} before, {self.load_after:.2f} after")
+
+    def measurements(self) -> list[Measurement]:
+        verdict = (f"BUSY (> {100 * BUSY_SHARE:.0f}%): absolute times are inflated; ratios to the baseline were "
+                   "timed interleaved" if self.busy else "idle enough")
+        how = f"{self.describe()}; {verdict}"
+        return [Measurement("machine_load_before", self.load_before, "load", "1-minute load average (os.getloadavg) "
+                            "before the timed probes"),
+                Measurement("machine_load_after", self.load_after, "load", "1-minute load average after the timed "
+                            "probes"),
+                Measurement("other_cpu_share", self.other_share, "fraction", how)]

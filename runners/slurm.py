@@ -134,7 +134,12 @@ def queued_jobs() -> set[str]:
 def _entry(job: Job) -> str:
     """What each array task runs (every task of a multi-device run: its rank comes from SLURM_PROCID)."""
     import submitit
-    status = execute(job, slurm_job_id=submitit.JobEnvironment().job_id)
+
+    from .probes import start_clean_fork_server
+    environment = submitit.JobEnvironment()
+    if environment.cluster != "debug":  # a fresh process (debug runs in the caller's): see start_clean_fork_server
+        start_clean_fork_server()
+    status = execute(job, slurm_job_id=environment.job_id)
     if status == "failed":
         raise RuntimeError(f"{job.label} failed (the database holds the error and traceback)")
     return status

@@ -15,7 +15,7 @@ PAPER = "orepa"
 # bias lr x2 on every "bias" parameter (BN biases too), weight decay 1e-4 except biases and BN (scaling vectors
 # decayed), no label smoothing, evaluation resize 256 + centre crop 224.
 SMOKE = Recipe(dataset="synthetic", resolution=32, batch=2, devices=2, epochs=1, max_iters=1, checkpoints=False,
-               cost_batch=2, cost_resolution=32, cost_warmup=1, cost_steps=2, latency_batch=1, throughput_batch=2)
+               cost_batch=2, cost_resolution=32, cost_warmup=1, cost_steps=1, latency_batch=1, throughput_batch=2)
 MINI = Recipe(dataset="digits", resolution=32, batch=32, devices=2, epochs=2, lr=0.1, warmup_epochs=0.2,
               cost_batch=16, cost_resolution=128, cost_warmup=2, cost_steps=5, throughput_batch=16)
 PAPER_SCALE = Recipe(dataset="imagenet", resolution=224, batch=64, devices=4, epochs=120, lr=0.1, warmup_iters=5,
