@@ -485,6 +485,20 @@ class Store:
         return pd.DataFrame([{**{c.name: getattr(env, c.name) for c in Environment.__table__.columns},
                               "table_name": t, "row_name": r} for env, t, r in rows])
 
+    def superseded(self, spec: RunSpec) -> dict[int, list[str]]:
+        """Finished (or diverged) runs of the same table, row, scale and seed as ``spec`` but another config: run id
+        -> the config keys that differ (e.g. ``code.source``, ``recipe.lr``). Their numbers are not ``spec``'s."""
+        new = _flatten(spec.config)
+        with self.session() as s:
+            old = s.scalars(select(Run).where(
+                Run.table_name == spec.table_name, Run.row_name == spec.row_name, Run.scale == spec.scale,
+                Run.seed == spec.seed, Run.config_hash != spec.config_hash, Run.status.in_(("finished", "diverged"))))
+            out = {}
+            for run in old:
+                params = {p.key: p.value for p in run.params}
+                out[run.id] = sorted(k for k in params.keys() | new.keys() if params.get(k) != new.get(k))
+            return out
+
     def params_of(self, run_id: int) -> dict[str, object]:
         with self.session() as s:
             return {p.key: json.loads(p.value) for p in s.scalars(select(Param).where(Param.run_id == run_id))}

@@ -224,13 +224,21 @@ def cmd_run(argv, console: Console) -> int:
         from runners.executors import LocalExecutor
         executor = LocalExecutor()
     try:
-        todo = []
+        todo, changed, superseded = [], set(), 0
         for job in jobs:
             run = store.ensure_run(job.spec)
             job.run_id = run.id
             if run.status in FINAL and not args.force:
                 continue
             todo.append(job)
+            for keys in store.superseded(job.spec).values():
+                superseded += 1
+                changed.update(keys)
+        if superseded:
+            shown = sorted(changed)
+            console.print(f"{superseded} finished run(s) of these rows were measured with an older config (changed: "
+                          f"{', '.join(shown[:6])}{', ...' if len(shown) > 6 else ''}): running the new config; "
+                          "the report shows the new numbers only and lists the old runs as superseded")
         if not todo:
             console.print(f"nothing to do: all {len(jobs)} runs of {table.key} at {args.scale} are already done "
                           f"(--force re-runs them; 'run_suite report {table.key}' shows them)")
@@ -277,7 +285,7 @@ def _run_local(executor, todo, store, table, args, console) -> int:
         console.print(f"stopped; 'run_suite {table.key} --scale {args.scale}' resumes the unfinished runs")
         return 130
     elapsed = time.perf_counter() - start
-    console.print(_summary(store, table, args.scale))
+    console.print(_summary(store, table, args.scale, [job.run_id for job in todo]))
     failed = [k for k, s in statuses.items() if s == "failed"]
     console.print(f"{len(todo)} runs in {elapsed:.1f} s; {len(failed)} failed. "
                   f"Report: run_suite report {table.key}" + (f" --db {mask_url(args.db)}" if args.db else ""))
@@ -425,12 +433,13 @@ def _device_hours(table, job, recipe, steps) -> str:
     return f"{steps * seconds * recipe.devices / 3600:.0f}"
 
 
-def _summary(store, table, scale) -> RichTable:
+def _summary(store, table, scale, run_ids) -> RichTable:
     runs = store.runs_frame(table.key)
-    runs = runs[runs.scale == scale]
+    runs = runs[(runs.scale == scale) & runs.id.isin(run_ids)]
     metrics = store.metrics_frame(table.key)
     view = RichTable(title=f"{table.key} at {scale}")
-    headers = {"top1": "top-1 %", "train_memory": "mem GiB", "time_per_batch": "s/batch", "latency": "latency s"}
+    headers = {"top1": "top-1 %", "train_memory": "mem GiB", "train_memory_ratio": "mem x base",
+               "time_per_batch": "s/batch", "time_per_batch_ratio": "time x base", "latency": "latency s"}
     columns = [m for m in headers if m in set(metrics.name)]
     for column in ("row", "seed", "status", *(headers[c] for c in columns)):
         view.add_column(column, no_wrap=column == "row")

@@ -4,9 +4,11 @@
     python -m runners.cost_benchmark --cell 16x128 --cell 32x160 --arch resnet18 --cap-gb 20
 
 For each cell (batch x resolution) and each method (plain, DBB, OREPA online, OREPA offline_bn) it measures, with the
-probes every suite uses: step time (median and IQR of interleaved steps) and peak training memory (a capped child
-process; an OOM is a result). It prints ratios to the plain network and OREPA's extra memory as a fraction of DBB's.
-Numbers, not a pass/fail test; ``--json`` keeps them.
+probes and the comparison every suite uses (runners/probes.py, compare_costs): step time (median and IQR, the
+methods' steps interleaved in this one process) and peak training memory (capped children one after the other; an OOM
+is a result). It prints each method's ratio to the plain network (median of per-step ratios, interquartile interval),
+OREPA's extra memory as a fraction of DBB's, and how busy the machine was meanwhile. Numbers, not a pass/fail test;
+``--json`` keeps them.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from backbones import build_classifier
+from backbones import build_classifier, deploy
 
-from .probes import device_name, probe_train_memory, probe_train_time_interleaved
+from .probes import CostSetting, Load, compare_costs, device_name, start_clean_fork_server
 
 METHODS = {"none": ("none", None), "dbb": ("dbb", None), "orepa": ("orepa", None),
            "orepa offline_bn": ("orepa", "offline_bn")}
@@ -31,33 +33,41 @@ REGIMES = {"paper": (64, 224), "small": (16, 128)}
 
 
 def measure_cell(arch: str, batch: int, resolution: int, warmup: int, steps: int, cap_gb: float,
-                 device: str, methods: list[str]) -> dict:
+                 device: str, methods: list[str]) -> tuple[dict, Load]:
+    """Every method at one cell, with the probes and the comparison every suite uses (probes.compare_costs): memory
+    in fresh children one after the other, training steps interleaved in this process, ratios to plain ``none``."""
     factories = {name: functools.partial(build_classifier, arch, METHODS[name][0], 1000, METHODS[name][1])
                  for name in methods}
-    memory = {name: probe_train_memory(f, batch, resolution, 1000, device, 1, cap_gb) for name, f in factories.items()}
-    fitting = {name: f() for name, f in factories.items() if not memory[name].oom}
-    times = probe_train_time_interleaved(fitting, batch, resolution, 1000, device, warmup, steps)
-    return {name: {"memory_gib": memory[name].value, "oom": memory[name].oom, "memory_method": memory[name].method,
-                   "time_s": times[name].value if name in times else None,
-                   "time_iqr_s": times[name].extra["time_per_batch_iqr"] if name in times else None}
-            for name in methods}
+    setting = CostSetting(batch, resolution, 1000, device, warmup, steps, cap_gb)
+    results, load = compare_costs(factories, "none", setting, deploy, ("train_memory", "time_per_batch"))
+    cell = {}
+    for name, measurements in results.items():
+        m = {x.name: x for x in measurements}
+        memory, timed = m["train_memory"], m["time_per_batch"]
+        ratio = {key: m[key] for key in ("time_per_batch_ratio", "train_memory_ratio") if key in m}
+        cell[name] = {"memory_gib": memory.value, "oom": memory.oom, "memory_method": memory.method,
+                      "memory_threads": memory.threads, "time_s": timed.value,
+                      "time_iqr_s": timed.extra.get("time_per_batch_iqr"),
+                      "time_x": ratio["time_per_batch_ratio"].value if "time_per_batch_ratio" in ratio else None,
+                      "time_x_q1": ratio["time_per_batch_ratio"].extra["time_per_batch_ratio_q1"]
+                      if "time_per_batch_ratio" in ratio else None,
+                      "time_x_q3": ratio["time_per_batch_ratio"].extra["time_per_batch_ratio_q3"]
+                      if "time_per_batch_ratio" in ratio else None,
+                      "memory_x": ratio["train_memory_ratio"].value if "train_memory_ratio" in ratio else None}
+    return cell, load
 
 
-def ratios(cell: dict) -> dict:
-    base = cell["none"]
-    out = {}
-    for name, m in cell.items():
-        out[name] = {"time_x": m["time_s"] / base["time_s"] if m["time_s"] and base["time_s"] else None,
-                     "memory_x": m["memory_gib"] / base["memory_gib"] if m["memory_gib"] and base["memory_gib"]
-                     else None}
-    if "dbb" in cell and "orepa" in cell:
-        dbb_extra = (cell["dbb"]["memory_gib"] or 0) - (base["memory_gib"] or 0)
-        orepa_extra = (cell["orepa"]["memory_gib"] or 0) - (base["memory_gib"] or 0)
-        out["orepa_extra_memory_over_dbb"] = orepa_extra / dbb_extra if dbb_extra > 0 else None
-    return out
+def orepa_extra_memory_over_dbb(cell: dict) -> float | None:
+    """OREPA's extra training memory (over plain) as a fraction of DBB's (the paper: ~0.3)."""
+    if "dbb" not in cell or "orepa" not in cell:
+        return None
+    base = cell["none"]["memory_gib"] or 0
+    dbb_extra = (cell["dbb"]["memory_gib"] or 0) - base
+    return ((cell["orepa"]["memory_gib"] or 0) - base) / dbb_extra if dbb_extra > 0 else None
 
 
 def main(argv=None) -> int:
+    start_clean_fork_server()  # first, while this process is fresh: memory children then use all threads
     parser = argparse.ArgumentParser(prog="python -m runners.cost_benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--cell", action="append", metavar="BATCHxRES",
@@ -82,22 +92,25 @@ def main(argv=None) -> int:
     for batch, resolution in cells:
         console.print(f"[bold]{args.arch} at {batch} x {resolution}x{resolution} on {device_name(device)}")
         methods = ["none"] + [m for m in args.methods if m != "none"]
-        cell = measure_cell(args.arch, batch, resolution, args.warmup, args.steps, args.cap_gb, device, methods)
-        r = ratios(cell)
+        cell, load = measure_cell(args.arch, batch, resolution, args.warmup, args.steps, args.cap_gb, device,
+                                  methods)
         table = Table()
-        for column in ("method", "time/step (s)", "IQR (s)", "x plain", "peak memory (GiB)", "x plain"):
+        for column in ("method", "time/step (s)", "IQR (s)", "x plain [IQR]", "peak memory (GiB)", "x plain"):
             table.add_column(column)
         for name, m in cell.items():
-            table.add_row(name, "OOM" if m["oom"] else f"{m['time_s']:.3f}",
-                          "" if m["oom"] else f"{m['time_iqr_s']:.3f}",
-                          "" if r[name]["time_x"] is None else f"{r[name]['time_x']:.2f}",
+            ratio = "" if m["time_x"] is None else f"{m['time_x']:.2f} [{m['time_x_q1']:.2f}-{m['time_x_q3']:.2f}]"
+            table.add_row(name, "–" if m["time_s"] is None else f"{m['time_s']:.3f}",
+                          "" if m["time_iqr_s"] is None else f"{m['time_iqr_s']:.3f}", ratio,
                           f"OOM (cap {args.cap_gb:g})" if m["oom"] else f"{m['memory_gib']:.2f}",
-                          "" if r[name]["memory_x"] is None else f"{r[name]['memory_x']:.2f}")
+                          "" if m["memory_x"] is None else f"{m['memory_x']:.2f}")
         console.print(table)
-        extra = r.get("orepa_extra_memory_over_dbb")
+        extra = orepa_extra_memory_over_dbb(cell)
         console.print(f"OREPA's extra memory / DBB's extra memory: {'n/a' if extra is None else f'{extra:.2f}'}")
+        console.print(("[yellow]warning: the machine was busy: " if load.busy else "machine: ") + load.describe())
         results.append({"arch": args.arch, "batch": batch, "resolution": resolution, "device": device_name(device),
-                        "threads": torch.get_num_threads(), "cell": cell, "ratios": r})
+                        "threads": torch.get_num_threads(), "cell": cell, "orepa_extra_memory_over_dbb": extra,
+                        "load": {"before": load.load_before, "after": load.load_after,
+                                 "other_cpu_share": load.other_share, "busy": load.busy}})
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -42,7 +42,8 @@ def code_fingerprint() -> dict:
 
 @dataclass
 class Job:
-    """One run: a table row at one scale and seed. ``config`` is what the run key hashes (no machine-local paths);
+    """One run: a table row at one scale and seed. ``config`` is what the run key hashes (no machine-local paths;
+    the config hash leaves out the seed, so that the seeds of one config share it: the report groups them by it);
     ``data_root``, ``db_url`` and ``artifacts_root`` say where, not what (``db_url`` never holds a password: workers
     inherit it in ``PGPASSWORD``, results.split_secret). ``fresh``: start from scratch (``--force``), removing the
     run's old checkpoints."""
@@ -123,7 +124,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                 "num_classes": NUM_CLASSES[recipe.dataset], "recipe": recipe.as_dict(), **batches,
                 "metrics": list(table.metrics), "code": code_fingerprint(),
             }
-            chash = config_hash(config)
+            chash = config_hash({k: v for k, v in config.items() if k != "seed"})  # the seeds of one config share it
             spec = RunSpec(run_key(table.key, row.name, scale, seed, chash), table.key, row.name, scale, seed, chash,
                            config)
             jobs.append(Job(spec, config, data_root, db_url, executor,

@@ -21,6 +21,7 @@ import functools
 import itertools
 import multiprocessing as mp
 import os
+import pickle
 import re
 import resource
 import signal
@@ -194,14 +195,12 @@ _PROBE_CGROUP = re.compile(r"repbench-probe-(\d+)-\d+")
 LEAF = "repbench-procs"  # cgroup v2: where the processes of a cgroup go so that it may delegate memory to probes
 
 
-def _own_memory_cgroup() -> tuple[Path, str] | tuple[None, str]:
-    """This process's memory cgroup as a directory, and ``v1`` or ``v2`` (or None and why not). Read from
-    /proc/self/cgroup and /proc/self/mountinfo, so that cgroup namespaces and bind-mounted subtrees resolve."""
-    try:
-        memberships = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
-        mounts = [line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    except OSError as e:
-        return None, f"cannot read /proc/self/cgroup ({e.strerror})"
+def memory_cgroup_of(proc_cgroup: str, mountinfo: str) -> tuple[Path, str] | tuple[None, str]:
+    """A process's memory cgroup as a directory, and ``v1`` or ``v2`` (or None and why not), from the texts of its
+    /proc/PID/cgroup and /proc/PID/mountinfo, so that cgroup namespaces and bind-mounted subtrees resolve. Where a
+    v1 memory controller is mounted (hybrid hosts too) it is the one that limits memory."""
+    memberships = [line.split(":", 2) for line in proc_cgroup.splitlines() if line.count(":") >= 2]
+    mounts = [line.split() for line in mountinfo.splitlines() if " - " in line]
 
     def mount_of(fstype: str, option: str | None):
         for fields in mounts:
@@ -210,19 +209,20 @@ def _own_memory_cgroup() -> tuple[Path, str] | tuple[None, str]:
                 return Path(fields[4]), fields[3]
         return None, None
 
-    for hierarchy, controllers, path in memberships:
-        if "memory" in controllers.split(","):  # cgroup v1 memory controller (also on hybrid hosts)
-            version, (mount, root) = "v1", mount_of("cgroup", "memory")
-            break
+    v1 = [path for _, controllers, path in memberships if "memory" in controllers.split(",")]
+    v2 = [path for hierarchy, controllers, path in memberships if hierarchy == "0" and controllers == ""]
+    if v1:
+        version, path, (mount, root) = "v1", v1[0], mount_of("cgroup", "memory")
+    elif v2:
+        version, path, (mount, root) = "v2", v2[0], mount_of("cgroup2", None)
     else:
-        path = next((p for h, c, p in memberships if h == "0" and c == ""), None)
-        version, (mount, root) = "v2", mount_of("cgroup2", None) if path is not None else (None, None)
+        return None, "this process is in no memory cgroup"
     if mount is None:
-        return None, "no memory cgroup hierarchy mounted"
-    relative = os.path.relpath(path, root) if root != "/" else path.lstrip("/")
+        return None, f"no cgroup {version} memory hierarchy mounted"
+    relative = os.path.relpath(path, root)
     if relative.startswith(".."):
         return None, f"own cgroup {path} is outside the mounted subtree {root}"
-    own = (mount / relative).resolve()
+    own = Path(os.path.normpath(mount / relative))
     if version == "v2" and own.name == LEAF:  # moved there by an earlier probe: the cgroup that delegates is above
         own = own.parent
     return own, version
@@ -235,7 +235,11 @@ def _cgroup_home() -> tuple[Path | None, str]:
     memory to children only when it holds no process itself (the no-internal-process rule): its processes move into
     a leaf child first (``repbench-procs``; the limits above them are unchanged). Leftover cgroups of killed probes
     are removed here. Returns (None, why) where that is not permitted: the caller falls back to RLIMIT_AS."""
-    own, version = _own_memory_cgroup()
+    try:
+        own, version = memory_cgroup_of(Path("/proc/self/cgroup").read_text(),
+                                        Path("/proc/self/mountinfo").read_text())
+    except OSError as e:
+        return None, f"cannot read /proc/self/cgroup ({e.strerror})"
     if own is None:
         return None, version
     try:
@@ -314,12 +318,20 @@ def _die_with_parent() -> None:
         pass
 
 
-_ALLOCATION_FAILED = ("can't allocate memory", "DefaultCPUAllocator", "std::bad_alloc", "Cannot allocate memory")
+_ALLOCATION_FAILED = ("can't allocate memory", "DefaultCPUAllocator", "std::bad_alloc", "Cannot allocate memory",
+                      "could not create a primitive")  # oneDNN's words for a failed allocation
+
+
+READY_TIMEOUT_S = 10.0  # a child whose first parallel op has not returned by then is stuck in a broken OpenMP pool
+_threads_safe = True  # False once a child of this process hung in OpenMP: later children use one thread
 
 
 def _capped_child(conn, cgroup: Path | None, cap_bytes: int, threads: int, fn, args):
     _die_with_parent()
     torch.set_num_threads(threads)
+    if threads > 1:  # the parent waits for this: a fork of a process that ran OpenMP work hangs right here
+        torch.ones(1 << 20).sum()
+        conn.send(("ready", None))
     if cgroup is not None:
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     else:
@@ -329,8 +341,8 @@ def _capped_child(conn, cgroup: Path | None, cap_bytes: int, threads: int, fn, a
         conn.send(("ok", fn(*args)))
     except MemoryError:
         conn.send(("oom", None))
-    except RuntimeError as e:  # under RLIMIT_AS, torch's allocator raises this rather than MemoryError
-        conn.send(("oom", None) if any(s in str(e) for s in _ALLOCATION_FAILED) else
+    except RuntimeError as e:  # under RLIMIT_AS, torch's allocator and oneDNN raise these rather than MemoryError
+        conn.send(("oom", None) if cgroup is None and any(s in str(e) for s in _ALLOCATION_FAILED) else
                   ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -339,6 +351,8 @@ def _capped_child(conn, cgroup: Path | None, cap_bytes: int, threads: int, fn, a
 
 
 def _run_capped_here(fn, args: tuple, cap_bytes: int, threads: int) -> tuple[str, object, str, int]:
+    global _threads_safe
+    threads = threads if _threads_safe else 1
     with memory_cgroup(cap_bytes) as (cgroup, why_not):
         method = f"cgroup memory limit {cap_bytes / GIB:.1f} GiB" if cgroup else \
             f"RLIMIT_AS = virtual size + {cap_bytes / GIB:.1f} GiB ({why_not})"
@@ -351,12 +365,20 @@ def _run_capped_here(fn, args: tuple, cap_bytes: int, threads: int) -> tuple[str
             finally:
                 os._exit(0)
         send.close()
+        stuck = threads > 1 and not receive.poll(READY_TIMEOUT_S)
+        if stuck:
+            os.kill(pid, signal.SIGKILL)
         try:
+            if threads > 1 and not stuck:
+                receive.recv()  # "ready" (or EOF: the child died before; reported below)
             status, result = receive.recv()
         except EOFError:
             status, result = None, None
         receive.close()
         exitcode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if stuck:  # this process had run OpenMP work before it forked: from now on its children use one thread
+        _threads_safe = False
+        return _run_capped_here(fn, args, cap_bytes, 1)
     if status is None:
         if exitcode in (-9, 137):
             return "oom", None, method, threads
@@ -393,13 +415,14 @@ class CleanForkServer:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         while True:
             try:
-                fn, args, cap_bytes, threads = conn.recv()
+                request = conn.recv_bytes()
             except (EOFError, OSError):
                 return
             try:
+                fn, args, cap_bytes, threads = pickle.loads(request)  # fn: importable where the server was forked
                 conn.send(_run_capped_here(fn, args, cap_bytes, threads))
             except BaseException as e:  # noqa: BLE001 - e.g. a cgroup error: reported like a child's error
-                conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", "", threads))
+                conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", "", 0))
 
     def run(self, fn, args: tuple, cap_bytes: int, threads: int):
         with self._lock:
@@ -410,13 +433,12 @@ class CleanForkServer:
 _SERVER: CleanForkServer | None = None
 
 
-def start_clean_fork_server() -> bool:
-    """Start this process's :class:`CleanForkServer`, if the process is still single-threaded (no OpenMP pool, no
-    other thread: forking is safe). Returns whether one runs."""
+def start_clean_fork_server() -> None:
+    """Start this process's :class:`CleanForkServer`. Call it first thing in a fresh process (a job's worker, the cost
+    benchmark), before any torch op: importing torch and setting the thread count are fine, a parallel op is not."""
     global _SERVER
-    if _SERVER is None and len(os.listdir("/proc/self/task")) == 1:
+    if _SERVER is None or _SERVER.owner != os.getpid():
         _SERVER = CleanForkServer()
-    return _SERVER is not None
 
 
 def clean_fork_server_running() -> bool:
@@ -427,14 +449,13 @@ def clean_fork_server_running() -> bool:
 def run_capped(fn, args: tuple, cap_bytes: int, threads: int | None = None) -> tuple[str, object, str, int]:
     """Run ``fn(*args)`` in a fresh child process under a memory cap. Returns (status, result, cap method, threads the
     child used) with status ``ok``, ``oom`` (killed by the cgroup, or an allocation failure under RLIMIT_AS) or
-    ``error``. The child uses ``threads`` (default: this process's count) where it can be forked safely (from the
-    clean fork server, or from a process that is still single-threaded), else one thread."""
+    ``error``. The child uses ``threads`` (default: this process's count) when it is forked by this process's clean
+    fork server, else one thread. Should the server not be clean after all (started after parallel work), its
+    children's first parallel op hangs: it is killed after READY_TIMEOUT_S and the probe runs with one thread."""
     threads = threads or torch.get_num_threads()
     if clean_fork_server_running():
         return _SERVER.run(fn, args, cap_bytes, threads)
-    if len(os.listdir("/proc/self/task")) > 1:
-        threads = 1
-    return _run_capped_here(fn, args, cap_bytes, threads)
+    return _run_capped_here(fn, args, cap_bytes, 1)
 
 
 def _measure_step_memory(factory: ModelFactory, batch: int, resolution: int, num_classes: int, device: str,
@@ -652,10 +673,11 @@ def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, sett
     fitting = {name: m for name, m in models.items() if not (name in memory and memory[name].oom)}
     load = Load.start()
     timed: dict[str, Measurement] = {}
-    if "time_per_batch" in probes and fitting:
-        log(f"timing {', '.join(fitting)} interleaved")
-        timed = probe_train_time_interleaved(fitting, s.batch, s.resolution, s.num_classes, s.device, s.warmup,
-                                             s.steps)
+    if "time_per_batch" in probes:
+        if fitting:
+            log(f"timing {', '.join(fitting)} interleaved")
+            timed = probe_train_time_interleaved(fitting, s.batch, s.resolution, s.num_classes, s.device, s.warmup,
+                                                 s.steps)
         for name in models:
             out[name].append(timed.get(name) or Measurement(
                 "time_per_batch", None, "s", f"not timed: {memory[name].method.split(';')[0]}", oom=True,
@@ -747,4 +769,6 @@ class Load:
                             "before the timed probes"),
                 Measurement("machine_load_after", self.load_after, "load", "1-minute load average after the timed "
                             "probes"),
-                Measurement("other_cpu_share", self.other_share, "fraction", how)]
+                Measurement("other_cpu_share", self.other_share, "fraction", how),
+                Measurement("machine_busy", float(self.busy), "flag", f"1 when other processes used more than "
+                            f"{100 * BUSY_SHARE:.0f}% of the CPUs while timing; {how}")]

@@ -136,10 +136,9 @@ def _entry(job: Job) -> str:
     import submitit
 
     from .probes import start_clean_fork_server
-    environment = submitit.JobEnvironment()
-    if environment.cluster != "debug":  # a fresh process (debug runs in the caller's): see start_clean_fork_server
-        start_clean_fork_server()
-    status = execute(job, slurm_job_id=environment.job_id)
+    if "SUBMITIT_DEBUG_JOB_ID" not in os.environ:  # a fresh process (debug runs in the caller's, which may have run
+        start_clean_fork_server()                    # parallel ops already): see start_clean_fork_server
+    status = execute(job, slurm_job_id=submitit.JobEnvironment().job_id)
     if status == "failed":
         raise RuntimeError(f"{job.label} failed (the database holds the error and traceback)")
     return status

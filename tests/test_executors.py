@@ -92,15 +92,24 @@ def test_local_executor_isolates_a_failing_job(tmp_path, monkeypatch):
 
 
 def test_cost_benchmark_plumbing(tmp_path):
-    from runners.cost_benchmark import main
+    """As a user runs it (a fresh process: its memory children use the timing's threads): every method's numbers
+    and its ratio to plain, measured side by side."""
+    import subprocess
+    import sys
     out = tmp_path / "cost.json"
-    assert main(["--cell", "2x32", "--warmup", "1", "--steps", "2", "--json", str(out)]) == 0
+    done = subprocess.run([sys.executable, "-m", "runners.cost_benchmark", "--cell", "2x32", "--warmup", "1",
+                           "--steps", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
     [cell] = json.loads(out.read_text())
     assert set(cell["cell"]) == {"none", "dbb", "orepa", "orepa offline_bn"}
-    assert cell["ratios"]["none"]["time_x"] == 1.0
+    assert cell["cell"]["none"]["time_x"] == 1.0 and cell["cell"]["none"]["memory_x"] == 1.0
     assert all(m["time_s"] > 0 and m["memory_gib"] > 0 for m in cell["cell"].values())
-    assert cell["ratios"]["orepa_extra_memory_over_dbb"] is not None
-    assert main(["--cell", "bad"]) == 2
+    assert all(m["memory_threads"] == cell["threads"] for m in cell["cell"].values())
+    assert cell["cell"]["orepa"]["time_x_q1"] <= cell["cell"]["orepa"]["time_x"] <= cell["cell"]["orepa"]["time_x_q3"]
+    assert cell["orepa_extra_memory_over_dbb"] is not None and "other_cpu_share" in cell["load"]
+    bad = subprocess.run([sys.executable, "-m", "runners.cost_benchmark", "--cell", "bad"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "BATCHxRES" in bad.stderr
 
 
 def _exit_with(code, delay):

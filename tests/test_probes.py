@@ -1,6 +1,8 @@
 """Probes on a tiny model return sane values with units; memory caps turn OOM into a result; NaN -> diverged."""
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +68,221 @@ def test_nan_loss_is_diverged(tmp_path):
         train_classifier(build_classifier("resnet18", "orepa", num_classes=4, variant="no_post_norm"), recipe,
                          tmp_path)
     assert info.value.step >= 1 and not math.isfinite(info.value.loss)
+
+
+# ---- a row against its baseline, in one process ----------------------------------------------------------------------
+
+def heavy():
+    """tiny() with the same conv applied four times: about four times the work per step."""
+    class Heavy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            x = self.stem(x)
+            for _ in range(4):
+                x = torch.relu(self.conv(x))
+            return self.head(x)
+    return Heavy()
+
+
+def test_paired_ratio_is_the_median_of_per_step_ratios():
+    mine = probes.Measurement("time_per_batch", 0.0, "s", "", samples=[2.0, 3.0, 8.0, 4.0])
+    base = probes.Measurement("time_per_batch", 0.0, "s", "", samples=[1.0, 1.0, 2.0, 4.0])
+    r = probes.paired_ratio("time_per_batch_ratio", mine, base, "B")  # per-step ratios 2, 3, 4, 1
+    assert r.value == pytest.approx(2.5) and r.unit == "x"
+    assert r.extra == {"time_per_batch_ratio_q1": pytest.approx(1.75), "time_per_batch_ratio_q3": pytest.approx(3.25)}
+    rate = probes.paired_ratio("throughput_ratio", mine, base, "B", invert=True)
+    assert rate.value == pytest.approx((1 / 3 + 1 / 2) / 2)  # base / mine: 1/2, 1/3, 1/4, 1
+
+
+def test_compare_costs_measures_both_models_in_one_process_and_their_ratios():
+    built = []
+
+    def counted(factory, name):
+        def build():
+            built.append(name)
+            return factory()
+        return build
+
+    setting = probes.CostSetting(batch=4, resolution=32, num_classes=4, warmup=1, steps=5, cap_gb=4,
+                                 throughput_batch=4, macs_resolution=32)
+    results, load = probes.compare_costs({"heavy": counted(heavy, "heavy"), "tiny": counted(tiny, "tiny")}, "tiny",
+                                         setting, deploy)
+    heavy_m = {m.name: m for m in results["heavy"]}
+    tiny_m = {m.name: m for m in results["tiny"]}
+    assert built == ["heavy", "tiny"]  # each built once here (the memory children build their own)
+    ratio = heavy_m["time_per_batch_ratio"]
+    assert ratio.value > 1.5 and ratio.extra["time_per_batch_ratio_q1"] <= ratio.value \
+        <= ratio.extra["time_per_batch_ratio_q3"]
+    assert "interleaved" in heavy_m["time_per_batch"].method and "per-step ratios to tiny" in ratio.method
+    assert heavy_m["train_memory_ratio"].value == pytest.approx(heavy_m["train_memory"].value
+                                                                / tiny_m["train_memory"].value)
+    assert {"latency_ratio", "throughput_ratio", "params_train", "macs_deploy"} <= set(heavy_m)
+    assert tiny_m["time_per_batch_ratio"].value == 1.0 and tiny_m["latency_ratio"].value == 1.0
+    assert "params_train" not in tiny_m  # a compared baseline's own run counts those
+    assert heavy_m["macs_train"].value > 2 * probes.count_macs(tiny(), 32)
+    assert load.other_share is not None and 0 <= load.other_share <= 1
+    assert {m.name for m in load.measurements()} == {"machine_load_before", "machine_load_after", "other_cpu_share",
+                                                     "machine_busy"}
+
+
+def test_load_sees_other_processes():
+    """Busy loops on every CPU while the load is watched: their CPU time is counted as the machine's, not ours."""
+    import subprocess
+    import sys
+    import time
+
+    hogs = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+            for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.5)
+        load = probes.Load.start()
+        time.sleep(1.5)
+        load.stop()
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert load.other_share > probes.BUSY_SHARE and load.busy
+    assert {m.name: m.value for m in load.measurements()}["machine_busy"] == 1.0
+
+
+# ---- memory caps -------------------------------------------------------------------------------------------------------
+
+V1_HYBRID = ("4:memory:/process_api/abc\n1:cpu:/\n0::/\n",
+             "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+             "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+             "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n")
+V2_NAMESPACE = ("0::/\n", "30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n")
+V2_SLURM = ("0::/system.slice/slurmstepd.scope/job_7/step_0/user/task_0\n",
+            "30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+V2_LEAF = ("0::/job/repbench-procs\n", "30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+V1_SUBTREE = ("9:memory:/docker/abc/inner\n", "35 31 0:32 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup "
+              "rw,memory\n")
+V1_OUTSIDE = ("9:memory:/other\n", "35 31 0:32 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
+
+
+@pytest.mark.parametrize("texts, expected", [
+    (V1_HYBRID, ("/sys/fs/cgroup/memory/process_api/abc", "v1")),     # the v1 memory controller wins on hybrids
+    (V2_NAMESPACE, ("/sys/fs/cgroup", "v2")),                           # a container's own namespace root
+    (V2_SLURM, ("/sys/fs/cgroup/system.slice/slurmstepd.scope/job_7/step_0/user/task_0", "v2")),
+    (V2_LEAF, ("/sys/fs/cgroup/job", "v2")),                            # inside the leaf an earlier probe made
+    (V1_SUBTREE, ("/sys/fs/cgroup/memory/inner", "v1")),                # a bind-mounted subtree
+])
+def test_memory_cgroup_of_is_the_process_own(texts, expected):
+    path, version = probes.memory_cgroup_of(*texts)
+    assert (str(path), version) == expected
+
+
+def test_memory_cgroup_of_outside_the_mount_or_without_memory():
+    assert probes.memory_cgroup_of(*V1_OUTSIDE)[0] is None
+    assert probes.memory_cgroup_of("1:cpu:/\n", V1_HYBRID[1]) == (None, "this process is in no memory cgroup")
+
+
+def test_probe_cgroups_are_made_inside_the_own_cgroup_and_leftovers_removed():
+    home, version = probes._cgroup_home()
+    if home is None:
+        pytest.skip(f"no writable memory cgroup here ({version}): the RLIMIT_AS fallback is tested below")
+    own, _ = probes.memory_cgroup_of(Path("/proc/self/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
+    assert home == own
+    with probes.memory_cgroup(2 ** 30) as (path, why_not):
+        assert why_not is None and path.parent == own and path.name.startswith(f"repbench-probe-{os.getpid()}-")
+        limit = "memory.max" if version == "v2" else "memory.limit_in_bytes"
+        assert int((path / limit).read_text()) == 2 ** 30
+    assert not path.exists()
+    dead = own / "repbench-probe-999999999-0"  # a probe whose process was killed (no such pid)
+    dead.mkdir()
+    try:
+        probes._cgroup_home.cache_clear()
+        assert probes._cgroup_home()[0] == own and not dead.exists()
+    finally:
+        if dead.exists():
+            dead.rmdir()
+
+
+def test_rlimit_fallback_allocation_failure_is_an_oom(monkeypatch):
+    monkeypatch.setenv("REPBENCH_MEMORY_CAP", "rlimit")
+    m = probes.probe_train_memory(lambda: build_classifier("resnet18", "dbb", num_classes=10), 64, 224, 10,
+                                  cap_gb=0.05)
+    assert m.oom and m.value is None and "OOM at budget 0.05 GiB" in m.method and "RLIMIT_AS" in m.method
+    ok = probes.probe_train_memory(tiny, 2, 32, 4, cap_gb=2)
+    assert not ok.oom and ok.value > 0 and "RLIMIT_AS" in ok.method and "REPBENCH_MEMORY_CAP=rlimit" in ok.method
+
+
+def test_a_run_under_rlimit_with_a_tiny_budget_records_the_oom_and_finishes(tmp_path, monkeypatch):
+    from results import Store
+    from runners.jobs import execute, plan
+    from suites import Recipe
+    from suites.base import Row, Table
+
+    monkeypatch.setenv("REPBENCH_MEMORY_CAP", "rlimit")
+    recipe = Recipe(dataset="synthetic", resolution=32, batch=2, cost_batch=2, cost_resolution=32, cost_warmup=1,
+                    cost_steps=1, throughput_batch=2, memory_cap_gb=0.01, train_accuracy=False, checkpoints=False)
+    table = Table("orepa", "tiny", "tiny", "test", ("train_memory", "time_per_batch"),
+                  (Row("G/None", "resnet18", "none", group="G"), Row("G/DBB", "resnet18", "dbb", group="G")),
+                  {"smoke": recipe}, baselines={"G": "G/None"})
+    url = f"sqlite:///{tmp_path}/r.sqlite"
+    store = Store(url)
+    (job,) = plan(table, "smoke", 1, ["G/DBB"], str(tmp_path), url, artifacts_root=str(tmp_path / "art"))
+    assert job.config["baseline"]["row"] == "G/None" and job.config["baseline"]["rep"] == "none"
+    job.run_id = store.ensure_run(job.spec).id
+    assert execute(job) == "finished"
+    metrics = store.metrics_frame("orepa.tiny").set_index("name")
+    memory = metrics.loc["train_memory"]
+    assert memory.value is None or math.isnan(memory.value)
+    assert "OOM at budget 0.01 GiB" in memory.method and "RLIMIT_AS" in memory.method
+    assert "not timed" in metrics.loc["time_per_batch", "method"]
+    assert metrics.loc["params_deploy", "value"] > 0 and "latency_ratio" in metrics.index
+    store.close()
+
+
+def test_children_of_the_clean_fork_server_use_all_threads(tmp_path):
+    """A process that already ran parallel ops cannot fork a child that uses OpenMP threads (it hangs); the server,
+    forked while the process was fresh, can: the memory is measured at the timing's thread count."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from runners import probes\n"
+        "def model():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))\n"
+        "probes.start_clean_fork_server()  # first thing, as the job workers do\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.randn(8, 16, 64, 64)\n"
+        "nn.functional.conv2d(x, torch.randn(16, 16, 3, 3))  # the parent's OpenMP pool now exists\n"
+        "m = probes.probe_train_memory(model, 8, 64, 4, cap_gb=2)\n"
+        "print('threads', m.threads, m.value > 0)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "threads 2 True" in done.stdout
+
+
+def test_a_server_started_too_late_falls_back_to_one_thread(tmp_path):
+    """Started after the process ran OpenMP work, the server's children would hang in their first parallel op: the
+    probe notices (no 'ready' within READY_TIMEOUT_S), kills the child, and measures with one thread instead."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from runners import probes\n"
+        "probes.READY_TIMEOUT_S = 3\n"
+        "def model():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))\n"
+        "torch.set_num_threads(2)\n"
+        "nn.functional.conv2d(torch.randn(8, 16, 64, 64), torch.randn(16, 16, 3, 3))\n"
+        "probes.start_clean_fork_server()  # too late: not clean\n"
+        "for _ in range(2):\n"
+        "    m = probes.probe_train_memory(model, 8, 64, 4, cap_gb=2)\n"
+        "    print('threads', m.threads, m.value > 0)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["threads 1 True", "threads 1 True"]  # the second without waiting again
