@@ -15,22 +15,14 @@ import threading
 
 from results import Claim, Store
 
+from .launch import pid_alive
+
 DEFAULT_LEASE_S = 300.0  # a run whose worker has not renewed its claim for this long is taken to be dead
 
 
 def lease_seconds() -> float:
     """``$REPBENCH_LEASE_S`` (tests shorten it), else 300 s; the heartbeat renews every third of it."""
     return float(os.environ.get("REPBENCH_LEASE_S", DEFAULT_LEASE_S))
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def expire_dead_local(store: Store) -> list[int]:

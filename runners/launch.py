@@ -65,6 +65,17 @@ def accumulation(global_batch: int, per_device_batch: int, devices: int) -> int:
     return global_batch // (per_device_batch * devices)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def cpus_available() -> int:
     """CPUs this process may use: Slurm's allocation, else the affinity mask (not ``os.cpu_count()``)."""
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():

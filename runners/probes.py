@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .launch import pid_alive
+
 GIB = 2 ** 30
 ModelFactory = Callable[[], nn.Module]
 
@@ -181,16 +183,6 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 _PROBE_CGROUP = re.compile(r"repbench-probe-(\d+)-\d+")
 LEAF = "repbench-procs"  # cgroup v2: where the processes of a cgroup go so that it may delegate memory to probes
 
@@ -262,7 +254,7 @@ def _cgroup_home() -> tuple[Path | None, str]:
         return None, f"cannot delegate memory below {own} ({e.strerror or e})"
     for stale in own.glob("repbench-probe-*"):
         match = _PROBE_CGROUP.fullmatch(stale.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             try:
                 stale.rmdir()
             except OSError:

@@ -239,37 +239,20 @@ def test_a_run_under_rlimit_with_a_tiny_budget_records_the_oom_and_finishes(tmp_
     store.close()
 
 
-def test_children_of_the_clean_fork_server_use_all_threads(tmp_path):
-    """A process that already ran parallel ops cannot fork a child that uses OpenMP threads (it hangs); the server,
-    forked while the process was fresh, can: the memory is measured at the timing's thread count."""
+
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_memory_children_of_the_clean_fork_server_use_the_timing_threads(tmp_path, late):
+    """A process that already ran parallel ops cannot fork a child that uses OpenMP threads (it hangs); its server,
+    forked while the process was fresh, can: memory is measured at the timing's thread count. Started too late (after
+    parallel work), the server's child would hang in its first parallel op: the probe notices (no 'ready' within
+    READY_TIMEOUT_S), kills it and measures with one thread, and later probes use one thread without waiting."""
     import subprocess
     import sys
 
+    work = "nn.functional.conv2d(torch.randn(8, 16, 64, 64), torch.randn(16, 16, 3, 3))  # an OpenMP pool now\n"
     script = tmp_path / "server.py"
-    script.write_text(
-        "import torch\n"
-        "from torch import nn\n"
-        "from runners import probes\n"
-        "def model():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))\n"
-        "probes.start_clean_fork_server()  # first thing, as the job workers do\n"
-        "torch.set_num_threads(2)\n"
-        "x = torch.randn(8, 16, 64, 64)\n"
-        "nn.functional.conv2d(x, torch.randn(16, 16, 3, 3))  # the parent's OpenMP pool now exists\n"
-        "m = probes.probe_train_memory(model, 8, 64, 4, cap_gb=2)\n"
-        "print('threads', m.threads, m.value > 0)\n")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "threads 2 True" in done.stdout
-
-
-def test_a_server_started_too_late_falls_back_to_one_thread(tmp_path):
-    """Started after the process ran OpenMP work, the server's children would hang in their first parallel op: the
-    probe notices (no 'ready' within READY_TIMEOUT_S), kills the child, and measures with one thread instead."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "late.py"
     script.write_text(
         "import torch\n"
         "from torch import nn\n"
@@ -278,11 +261,10 @@ def test_a_server_started_too_late_falls_back_to_one_thread(tmp_path):
         "def model():\n"
         "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))\n"
         "torch.set_num_threads(2)\n"
-        "nn.functional.conv2d(torch.randn(8, 16, 64, 64), torch.randn(16, 16, 3, 3))\n"
-        "probes.start_clean_fork_server()  # too late: not clean\n"
+        + (work if late else "") + "probes.start_clean_fork_server()\n" + ("" if late else work) +
         "for _ in range(2):\n"
         "    m = probes.probe_train_memory(model, 8, 64, 4, cap_gb=2)\n"
         "    print('threads', m.threads, m.value > 0)\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == ["threads 1 True", "threads 1 True"]  # the second without waiting again
+    assert done.stdout.split("\n")[:2] == [f"threads {1 if late else 2} True"] * 2
