@@ -9,7 +9,7 @@ from .base import PaperValue, Recipe, Row, Table
 PAPER = "orepa"
 
 # Smoke: plumbing only (synthetic ImageFolder data, 32x32, one optimizer step of 2 devices x 2 images, no
-# checkpoints). Mini: a few epochs on the real digits scans (2 devices x 32 = 64 per step; one process accumulates)
+# checkpoints; cost probes: 1 warm-up and 1 timed step). Mini: a few epochs on the real digits scans (2 devices x 32 = 64 per step; one process accumulates)
 # and costs at 16x128x128 on CPU. Paper: the official recipe (ImageNet, 120 epochs, 4 GPUs x 64 = 256 at lr 0.1,
 # official code notes Sec. 1.8): warm-up 5 *iterations* as the code does (its text says 5 epochs: --follow paper),
 # bias lr x2 on every "bias" parameter (BN biases too), weight decay 1e-4 except biases and BN (scaling vectors
