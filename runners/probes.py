@@ -17,6 +17,7 @@ Protocol (DESIGN.md, "Measurement protocol"):
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 import itertools
 import multiprocessing as mp
@@ -170,10 +171,35 @@ def _status_kib(field_name: str) -> int:
 def _release_free_memory() -> None:
     """Give the allocator's cached free pages back to the kernel, so that RSS is live memory only."""
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def _reusable_address_space() -> int:
+    """Bytes this process may use without growing its address space: the allocator's free heap (``mallinfo2``) and
+    anonymous reserved regions (``---p``: glibc arenas grow into them by mprotect). RLIMIT_AS does not cap these: a
+    child forked from a process that worked before inherits them."""
+    _release_free_memory()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+        free = libc.mallinfo2().fordblks
+    except (OSError, AttributeError):  # no glibc >= 2.33
+        free = 0
+    reserved = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if fields[1] == "---p" and len(fields) == 5:  # no path: anonymous
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                reserved += high - low
+    return free + reserved
 
 
 def _reset_peak_rss() -> None:
@@ -303,8 +329,13 @@ def memory_cgroup(cap_bytes: int):
 
 
 def _die_with_parent() -> None:
+    """For a forked helper (the clean fork server, a memory child): die with the parent, and drop the handlers
+    inherited from it. Slurm signals every process of a step: a handler of the parent's (submitit's SIGUSR2 handler
+    requeues the job; training's checkpoints) must not run in a helper. The parent decides when probing stops."""
+    for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
     except OSError:
         pass
@@ -327,8 +358,8 @@ def _capped_child(conn, cgroup: Path | None, cap_bytes: int, threads: int, fn, a
     if cgroup is not None:
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     else:
-        vsize = _status_kib("VmSize") * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (vsize + cap_bytes, vsize + cap_bytes))
+        limit = _status_kib("VmSize") * 1024 + max(cap_bytes - _reusable_address_space(), 0)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
         conn.send(("ok", fn(*args)))
     except MemoryError:
@@ -344,10 +375,12 @@ def _capped_child(conn, cgroup: Path | None, cap_bytes: int, threads: int, fn, a
 
 def _run_capped_here(fn, args: tuple, cap_bytes: int, threads: int) -> tuple[str, object, str, int]:
     global _threads_safe
+    import torch._dynamo  # noqa: F401 - what an optimizer imports at creation: here, not under the child's cap
     threads = threads if _threads_safe else 1
     with memory_cgroup(cap_bytes) as (cgroup, why_not):
-        method = f"cgroup memory limit {cap_bytes / GIB:.1f} GiB" if cgroup else \
-            f"RLIMIT_AS = virtual size + {cap_bytes / GIB:.1f} GiB ({why_not})"
+        method = f"cgroup memory limit {cap_bytes / GIB:.1f} GiB" if cgroup else (
+            f"RLIMIT_AS = virtual size + {cap_bytes / GIB:.1f} GiB less the free heap and reserved regions inherited "
+            f"({why_not})")
         receive, send = mp.Pipe(duplex=False)
         pid = os.fork()
         if pid == 0:  # the child: never returns into the caller's code
@@ -387,7 +420,6 @@ class CleanForkServer:
     process (:func:`start_clean_fork_server`); elsewhere probes fork directly and use one thread."""
 
     def __init__(self):
-        import torch._dynamo  # noqa: F401 - what every optimizer imports at creation: once here, not in each child
         self._conn, theirs = mp.Pipe()
         self._lock = threading.Lock()
         self.owner = os.getpid()
@@ -403,8 +435,6 @@ class CleanForkServer:
     @staticmethod
     def _serve(conn) -> None:
         _die_with_parent()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when probing stops
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         while True:
             try:
                 request = conn.recv_bytes()
@@ -626,9 +656,10 @@ RATIOS = {"train_memory": "train_memory_ratio", "time_per_batch": "time_per_batc
 
 
 def _ratio_one(m: Measurement, baseline: str) -> Measurement:
+    """The baseline's own ratio, 1, with the same keys as a compared row's (memory is one reading: no interval)."""
+    spread = {} if m.name == "train_memory" else {f"{RATIOS[m.name]}_q1": 1.0, f"{RATIOS[m.name]}_q3": 1.0}
     return Measurement(RATIOS[m.name], 1.0, "x", f"the group's baseline ({baseline}): 1 by definition",
-                       extra={f"{RATIOS[m.name]}_q1": 1.0, f"{RATIOS[m.name]}_q3": 1.0}, batch=m.batch,
-                       resolution=m.resolution, threads=m.threads)
+                       extra=spread, batch=m.batch, resolution=m.resolution, threads=m.threads)
 
 
 def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, setting: CostSetting,

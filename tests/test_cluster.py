@@ -40,14 +40,14 @@ def finish(process, timeout=600):
     return process.returncode, out, err
 
 
-def wait_until(condition, timeout=300, poll=0.3, what="condition"):
+def wait_until(condition, timeout=300, poll=0.3, what="condition", explain=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}\n{explain()}")
 
 
 def assert_each_run_once(url, rows, attempts=1):
@@ -67,7 +67,7 @@ def assert_each_run_once(url, rows, attempts=1):
         reference = next(iter(keys.values()))
         assert len(set(reference)) == len(reference)  # no (name, step) twice
         assert {"top1", "train_memory", "time_per_batch", "latency", "params_deploy"} <= {name for name, _ in reference}
-        assert all(k == reference for k in keys.values())
+        assert all(k == reference for k in keys.values()), {r: set(k) ^ set(reference) for r, k in keys.items()}
         return runs, metrics
     finally:
         store.close()
@@ -338,7 +338,8 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm, postgres_server, tmp_pa
         else:
             subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         wait_until(lambda: store.attempts_frame().status.iloc[-1] == "preempted", 120,
-                   what=f"attempt {attempt} preempted")
+                   what=f"attempt {attempt} preempted", explain=lambda: f"{store.attempts_frame()}\n" + "".join(
+                       p.read_text()[-3000:] for p in sorted((tmp_path / "slurm").rglob("*_log.*"))))
         release_requeued(job_id)
     wait_until(lambda: store.runs([job.run_id])[job.run_id].status == "finished", 600, what="the run to finish")
     attempts = store.attempts_frame()

@@ -123,6 +123,9 @@ def test_compare_costs_measures_both_models_in_one_process_and_their_ratios():
     assert {"latency_ratio", "throughput_ratio", "params_train", "macs_deploy"} <= set(heavy_m)
     assert tiny_m["time_per_batch_ratio"].value == 1.0 and tiny_m["latency_ratio"].value == 1.0
     assert "params_train" not in tiny_m  # a compared baseline's own run counts those
+    ratio_keys = {name: {k for m in ms if m.name.endswith("_ratio") for k in (m.name, *m.extra)}
+                  for name, ms in results.items()}
+    assert ratio_keys["heavy"] == ratio_keys["tiny"]  # a baseline's own run stores the same ratio metrics as others
     assert heavy_m["macs_train"].value > 2 * probes.count_macs(tiny(), 32)
     assert load.other_share is not None and 0 <= load.other_share <= 1
     assert {m.name for m in load.measurements()} == {"machine_load_before", "machine_load_after", "other_cpu_share",
@@ -212,6 +215,32 @@ def test_rlimit_fallback_allocation_failure_is_an_oom(monkeypatch):
     assert not ok.oom and ok.value > 0 and "RLIMIT_AS" in ok.method and "REPBENCH_MEMORY_CAP=rlimit" in ok.method
 
 
+def test_rlimit_counts_what_the_child_inherits(tmp_path):
+    """A parent that worked before leaves free heap and reserved arena regions: mapped already, RLIMIT_AS would not
+    count them. The budget is what the child may use in all."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worked.py"
+    script.write_text(
+        "import os, torch\n"
+        "from torch import nn\n"
+        "from runners import probes\n"
+        "xs = [torch.randn(1 << 22) for _ in range(100)]\n"
+        "del xs\n"
+        "conv = nn.Conv2d(64, 64, 3)\n"
+        "y = conv(torch.randn(16, 64, 64, 64))\n"
+        "y.sum().backward()\n"
+        "del y, conv\n"
+        "model = lambda: nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 64, 3), nn.AdaptiveAvgPool2d(1), "
+        "nn.Flatten(), nn.Linear(64, 4))\n"
+        "print(probes.probe_train_memory(model, 16, 64, 4, cap_gb=0.01).oom)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "REPBENCH_MEMORY_CAP": "rlimit"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+
+
 def test_a_run_under_rlimit_with_a_tiny_budget_records_the_oom_and_finishes(tmp_path, monkeypatch):
     from results import Store
     from runners.jobs import execute, plan
@@ -268,3 +297,24 @@ def test_memory_children_of_the_clean_fork_server_use_the_timing_threads(tmp_pat
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == [f"threads {1 if late else 2} True"] * 2
+
+
+def test_the_fork_server_ignores_the_signals_its_parent_handles(tmp_path):
+    """Slurm signals every process of a step: SIGUSR2 to the server must not run the parent's handler there (under
+    submitit that handler requeues the job), nor stop the server."""
+    import signal
+    import time
+
+    marker = tmp_path / "handler ran"
+    previous = signal.signal(signal.SIGUSR2, lambda *_: marker.write_text(str(os.getpid())))
+    server = probes.CleanForkServer()
+    try:
+        assert server.run(probes._status_kib, ("VmRSS",), 1 << 30, 1)[0] == "ok"  # the server is serving
+        os.kill(server.pid, signal.SIGUSR2)
+        time.sleep(0.5)
+        status, result, _, threads = server.run(probes._status_kib, ("VmRSS",), 1 << 30, 1)
+        assert (status, threads) == ("ok", 1) and result > 0 and not marker.exists()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        server._conn.close()
+        os.waitpid(server.pid, 0)
