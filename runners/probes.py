@@ -532,6 +532,9 @@ def probe_train_memory(factory: ModelFactory, batch: int, resolution: int, num_c
     if status == "error":
         raise RuntimeError(result)
     peak, step = result
+    if peak > cap:  # a child may reuse inherited free heap that neither limit sees: its peak still decides
+        return Measurement("train_memory", None, "GiB", f"OOM at budget {cap_gb:g} GiB (peak {peak / GIB:.2f} GiB "
+                           f"measured over it); {method}", oom=True, threads=threads, **where)
     return Measurement("train_memory", peak / GIB, "GiB", method, extra={"train_memory_step": step / GIB},
                        threads=threads, **where)
 

@@ -215,6 +215,17 @@ def test_rlimit_fallback_allocation_failure_is_an_oom(monkeypatch):
     assert not ok.oom and ok.value > 0 and "RLIMIT_AS" in ok.method and "REPBENCH_MEMORY_CAP=rlimit" in ok.method
 
 
+def test_a_peak_over_the_budget_is_an_oom_whatever_the_limit_let_through(monkeypatch):
+    """A child may reuse free heap it inherited, which neither RLIMIT_AS nor a cgroup charge sees: the measured peak
+    decides (the budget stands for the device's memory)."""
+    monkeypatch.setattr(probes, "run_capped", lambda fn, args, cap: ("ok", (0.3 * probes.GIB, 0.1 * probes.GIB),
+                                                                     "some limit", 1))
+    over = probes.probe_train_memory(tiny, 2, 32, 4, cap_gb=0.25)
+    assert over.oom and over.value is None and "OOM at budget 0.25 GiB" in over.method and "0.30 GiB" in over.method
+    under = probes.probe_train_memory(tiny, 2, 32, 4, cap_gb=0.5)
+    assert not under.oom and under.value == pytest.approx(0.3)
+
+
 def test_rlimit_counts_what_the_child_inherits(tmp_path):
     """A parent that worked before leaves free heap and reserved arena regions: mapped already, RLIMIT_AS would not
     count them. The budget is what the child may use in all."""
