@@ -1,11 +1,12 @@
-"""Reports from the results store only (a report never runs anything): markdown and a self-contained HTML page."""
+"""Reports from the results store only (a report never runs anything): markdown per table, or a self-contained HTML
+site (index.html, leaderboard.html, a page per table)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .build import build_table_report
-from .render import render_html, render_markdown
+from .render import render_markdown, render_site
 
 
 def open_store(url: str):
@@ -33,10 +34,11 @@ def write_reports(tables, url: str, fmt: str, out: Path) -> list[Path]:
             path.write_text(render_markdown(report))
             paths.append(path)
         return paths
-    name = reports[0]["table"].key if len(reports) == 1 else "all"
-    path = out / f"{name}.html"
-    path.write_text(render_html(reports))
-    return [path]
+    paths = []
+    for name, page in render_site(reports).items():  # index.html first
+        (out / name).write_text(page)
+        paths.append(out / name)
+    return paths
 
 
-__all__ = ["build_table_report", "open_store", "render_html", "render_markdown", "write_reports"]
+__all__ = ["build_table_report", "open_store", "render_markdown", "render_site", "write_reports"]

@@ -1,30 +1,58 @@
-"""From the results store to report data: pandas frames in, plain dicts out (rendered by reports.render)."""
+"""From the results store to report data: pandas frames in, plain dicts out (rendered by reports.render).
+
+A table's report has one :class:`Section` per scale it ran at; a section holds one compact table per metric family
+(accuracy, training cost, size, inference), the paper's claims judged from the measured ratios, and where each row's
+numbers come from (device, threads, commit). Accuracy is compared with the paper only at the paper scale; costs are
+judged only at the paper's regime (per-device batch x resolution); elsewhere the measured figures are shown as they
+are."""
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from suites import METRICS, Table
+from suites import METRICS, Claim, Table
 
 DONE = ("finished", "diverged")
+SIZE = ("params_train", "params_deploy", "macs_train", "macs_deploy")
+INFERENCE = ("latency", "throughput")
+ENVIRONMENT = ("git_commit", "git_dirty", "python", "torch", "torchvision", "mmcv", "mmengine", "numpy", "cuda",
+               "cudnn", "driver", "gpu_count", "device_name", "cpu_affinity", "host", "uv_lock_sha256", "command")
+LABELS = {"params_train": "Params (train)", "params_deploy": "Params (deploy)", "macs_train": "MACs (train)",
+          "macs_deploy": "MACs (deploy)", "latency": "Latency", "throughput": "Throughput"}
+
+
+@dataclass
+class Family:
+    """One compact table: a title, its columns and one dict of display strings per row."""
+
+    title: str
+    columns: list[str]
+    rows: list[dict]
 
 
 @dataclass
 class Section:
-    """One scale of one table: rows x (paper | measured | delta | reproduced?), plus cost ratios."""
+    """One scale of one table."""
 
     scale: str
     recipe: dict
-    columns: list[str]
-    rows: list[dict]
     regime_note: str
     devices: list[str]
-    plot_groups: dict = field(default_factory=dict)  # group -> {row: {metric: (measured ratio, paper ratio)}}
+    families: list[Family]
+    claims: list[dict]                # {text, source, results: [{pair, measured, paper, verdict}]}
+    provenance: list[dict]            # per row: status, error, device, threads, commit, seeds
+    plot: dict = field(default_factory=dict)   # metric -> group -> row -> (ratio, low, high, paper ratio)
+    chain: bool = False               # the table is a chain of components (Figure 8): plot curves
+    points: list[dict] = field(default_factory=list)  # per row, for the leaderboard
     superseded: list[dict] = field(default_factory=list)  # finished runs of an older config: listed, not averaged
     busy: list[str] = field(default_factory=list)  # rows timed while the machine was busy
+
+    def family(self, title: str) -> Family:
+        return next(f for f in self.families if f.title == title)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -33,6 +61,16 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "NaN"
     return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def _count(value: float | None) -> str:
+    """11689512 -> 11.69M; 1.8e9 -> 1.82G."""
+    if value is None or math.isnan(value):
+        return "–"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -74,86 +112,135 @@ def _fmt_ratio(ratio: tuple) -> str:
     return f"{_fmt(mean)}x{spread}"
 
 
-def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.DataFrame,
-                  envs: pd.DataFrame | None = None) -> Section:
-    recipe = table.recipes[scale]
-    at_paper_regime = table.paper_regime is not None and \
-        (recipe.cost_batch, recipe.cost_resolution) == table.paper_regime
-    regime = f"cost measured at batch {recipe.cost_batch} x {recipe.cost_resolution}x{recipe.cost_resolution}"
-    regime += " (the paper's regime)" if at_paper_regime else \
-        (f"; the paper's regime is {table.paper_regime[0]} x {table.paper_regime[1]}x{table.paper_regime[1]}, "
-         "so cost is not judged here" if table.paper_regime else "")
-    commits = {} if envs is None or envs.empty else dict(zip(envs.run_id, envs.git_commit))
-    measured: dict[str, dict[str, tuple]] = {}
-    ratios: dict[str, dict[str, tuple]] = {}
-    status: dict[str, str] = {}
-    devices = set()
-    superseded, busy = [], []
-    for row in table.rows:
-        current, old = current_runs(runs[(runs.row_name == row.name) & (runs.scale == scale)])
-        status[row.name] = ", ".join(sorted(set(current.status))) or "not run"
-        superseded += [{"row": row.name, "id": int(r.id), "seed": int(r.seed), "config": r.config_hash[:12],
-                        "commit": (commits.get(r.id) or "unknown")[:12], "status": r.status}
-                       for r in old.itertuples()]
+def _oom(values: pd.DataFrame) -> str | None:
+    """'OOM at X GiB' when every run of the metric hit the memory budget (the probe stores no value then)."""
+    if values.empty or values.value.notna().any():
+        return None
+    for method in values.method.dropna():
+        found = re.search(r"OOM at budget ([\d.]+) GiB", method)
+        if found:
+            return f"OOM at {found.group(1)} GiB"
+        if "OOM" in method:
+            return "OOM (" + method.split(";")[0] + ")"
+    return None
+
+
+def first_line(text) -> str:
+    """An error's first line (at most 200 characters); '' for none (None, or NaN from a frame)."""
+    text = text.strip() if isinstance(text, str) else ""
+    return text.splitlines()[0][:200] if text else ""
+
+
+class _Row:
+    """What the report knows of one row at one scale: its current runs' metrics and their status."""
+
+    def __init__(self, row, runs: pd.DataFrame, metrics: pd.DataFrame, envs: dict):
+        current, self.old = current_runs(runs)
+        self.row, self.runs = row, current
+        self.status = ", ".join(sorted(set(current.status))) or "not run"
+        failed = current[current.status == "failed"]
+        self.error = first_line(failed.error.iloc[-1]) if len(failed) else ""
         done_ids = set(current[current.status.isin(DONE)].id)
-        row_metrics = metrics[metrics.run_id.isin(done_ids)]
-        devices.update(d for d in row_metrics.device.dropna().unique())
-        if (row_metrics[row_metrics.name == "machine_busy"].value == 1).any():  # runners/probes.py, Load
-            share = row_metrics[row_metrics.name == "other_cpu_share"].value.max()
-            busy.append(f"{row.name} ({100 * share:.0f}% of the CPUs used by other processes)")
-        measured[row.name], ratios[row.name] = {}, {}
-        for name in table.metrics:
-            values = row_metrics[row_metrics.name == name]
-            mean, std = _mean_std(list(values.value))
-            unit = values.unit.iloc[0] if len(values) else METRICS[name].unit
-            device = ", ".join(sorted(set(values.device.dropna()))) or "–"
-            measured[row.name][name] = (mean, std, unit, device, len(values))
-            ratios[row.name][name] = _ratio(row_metrics, name)
+        self.metrics = metrics[metrics.run_id.isin(done_ids)] if len(metrics) else metrics
+        self.seeds = len(done_ids)
+        self.commits = sorted({(envs.get(i) or "unknown")[:12] for i in done_ids})
+
+    def values(self, name: str) -> pd.DataFrame:
+        return self.metrics[self.metrics.name == name] if len(self.metrics) else self.metrics
+
+    def mean(self, name: str) -> float | None:
+        return _mean_std(list(self.values(name).value))[0]
+
+    def measured(self, name: str, unit: str | None = None, fmt=_fmt) -> str:
+        values = self.values(name)
+        oom = _oom(values)
+        if oom:
+            return oom
+        mean, std = _mean_std(list(values.value))
+        if mean is None:
+            return self.error and "failed" or "–"
+        unit = unit if unit is not None else (values.unit.iloc[0] if len(values) else METRICS[name].unit)
+        shown = fmt(mean) + (f" ± {_fmt(std, 2)}" if std is not None else "")
+        return f"{shown} {unit}".strip() + (f" (n={len(values)})" if len(values) > 1 else "")
+
+    def ratio(self, name: str) -> tuple:
+        return _ratio(self.metrics, name) if len(self.metrics) else (None, None, None)
+
+    def where(self) -> dict:
+        devices = sorted(set(self.metrics.device.dropna())) if len(self.metrics) else []
+        threads = sorted({int(t) for t in self.metrics.threads.dropna()}) if len(self.metrics) else []
+        return {"row": self.row.name, "status": self.status, "error": self.error, "seeds": self.seeds,
+                "device": "; ".join(devices) or "–", "threads": ", ".join(map(str, threads)) or "–",
+                "commit": ", ".join(self.commits) or "–"}
+
+
+def _paper_ratio(table: Table, row, name: str) -> float | None:
+    baseline = table.baseline_of(row)
+    paper, base = row.paper.get(name), table.row(baseline).paper.get(name) if baseline else None
+    if paper is None or base is None or not paper.value or not base.value:
+        return None
+    return paper.value / base.value
+
+
+def _paper_and_measured(label: str, paper, r: _Row, name: str) -> dict[str, str]:
+    """The value as printed (≈: read from a figure) beside the measured one."""
+    return {f"{label} paper": (paper.text + (" ≈" if paper.approximate else "")) if paper else "–",
+            f"{label} measured": r.measured(name)}
+
+
+def _accuracy_family(table, scale, rows: dict[str, _Row], names) -> Family:
+    """At the paper scale: paper | measured | delta | verdict; elsewhere the scale's own numbers beside the paper's
+    (a delta between a smoke run and ImageNet means nothing)."""
     columns = ["row", "status"]
-    for name in table.metrics:
+    for name in names:
         label = METRICS[name].label
-        columns += [f"{label} paper", f"{label} measured", f"{label} delta" if METRICS[name].kind == "accuracy"
-                    else f"{label} ratio (paper)", f"{label} reproduced?"]
-    rows = []
-    plot_groups: dict = {}
+        columns += [f"{label} paper", f"{label} measured"] + ([f"{label} delta", f"{label} reproduced?"]
+                                                              if scale == "paper" else [])
+    out = []
     for row in table.rows:
-        cells = {"row": row.name, "status": status[row.name]}
-        baseline = table.baseline_of(row)
-        for name in table.metrics:
-            spec = METRICS[name]
-            paper = row.paper.get(name)
-            mean, std, unit, device, n = measured[row.name][name]
-            paper_text = (paper.text + (" ≈" if paper.approximate else "")) if paper else "–"
-            shown = "–" if mean is None else (_fmt(mean) + (f" ± {_fmt(std, 2)}" if std is not None else "")
-                                              + f" {unit}")
-            cells[f"{spec.label} paper"] = paper_text
-            cells[f"{spec.label} measured"] = shown
-            if spec.kind == "accuracy":
-                delta = None if mean is None or paper is None or paper.value is None or math.isnan(mean) \
-                    or math.isnan(paper.value) else mean - paper.value
-                cells[f"{spec.label} delta"] = "–" if delta is None else f"{delta:+.2f}"
-                if scale != "paper":
-                    verdict = "n/a (scale)"
-                elif mean is None or paper is None or paper.value is None:
-                    verdict = "–"
-                elif math.isnan(paper.value):
-                    verdict = "yes" if math.isnan(mean) else "no"
-                else:
-                    verdict = "yes" if delta is not None and abs(delta) <= table.accuracy_tolerance else "no"
-                cells[f"{spec.label} reproduced?"] = verdict
+        r = rows[row.name]
+        cells = {"row": row.name, "status": r.status}
+        for name in names:
+            label, paper = METRICS[name].label, row.paper.get(name)
+            cells.update(_paper_and_measured(label, paper, r, name))
+            if scale != "paper":
+                continue
+            mean = r.mean(name)
+            delta = None if mean is None or paper is None or paper.value is None or math.isnan(mean) \
+                or math.isnan(paper.value) else mean - paper.value
+            cells[f"{label} delta"] = "–" if delta is None else f"{delta:+.2f}"
+            if mean is None or paper is None or paper.value is None:
+                verdict = "–"
+            elif math.isnan(paper.value):
+                verdict = "yes" if math.isnan(mean) else "no"
             else:
-                ratio = ratios[row.name][name]
-                base_paper = table.row(baseline).paper.get(name) if baseline else None
-                paper_ratio = paper.value / base_paper.value if paper and base_paper and paper.value and \
-                    base_paper.value else None
-                cells[f"{spec.label} ratio (paper)"] = \
-                    f"{_fmt_ratio(ratio)} ({_fmt(paper_ratio)}x)" if ratio[0] is not None or paper_ratio is not None \
-                    else "–"
-                plot_groups.setdefault(row.group, {}).setdefault(row.name, {})[name] = (ratio[0], paper_ratio)
-                cells[f"{spec.label} reproduced?"] = _cost_verdict(table, row, name, ratios) \
-                    if at_paper_regime else "n/a (regime)"
-        rows.append(cells)
-    return Section(scale, recipe.as_dict(), columns, rows, regime, sorted(devices), plot_groups, superseded, busy)
+                verdict = "yes" if delta is not None and abs(delta) <= table.accuracy_tolerance else "no"
+            cells[f"{label} reproduced?"] = verdict
+        out.append(cells)
+    return Family("Accuracy", columns, out)
+
+
+def _cost_family(table, rows, names, at_paper_regime: bool) -> Family:
+    columns = ["row", "status"]
+    for name in names:
+        label = METRICS[name].label
+        columns += [f"{label} paper", f"{label} measured", f"{label} ratio", f"{label} paper ratio",
+                    f"{label} reproduced?"]
+    ratios = {row.name: {name: rows[row.name].ratio(name) for name in names} for row in table.rows}
+    out = []
+    for row in table.rows:
+        r = rows[row.name]
+        cells = {"row": row.name, "status": r.status}
+        for name in names:
+            label, paper = METRICS[name].label, row.paper.get(name)
+            cells.update(_paper_and_measured(label, paper, r, name))
+            cells[f"{label} ratio"] = _fmt_ratio(ratios[row.name][name])
+            paper_ratio = _paper_ratio(table, row, name)
+            cells[f"{label} paper ratio"] = "–" if paper_ratio is None else f"{_fmt(paper_ratio)}x"
+            cells[f"{label} reproduced?"] = _cost_verdict(table, row, name, ratios) if at_paper_regime \
+                else "n/a (regime)"
+        out.append(cells)
+    return Family("Training cost", columns, out)
 
 
 def _cost_verdict(table: Table, row, name: str, ratios: dict) -> str:
@@ -175,6 +262,104 @@ def _cost_verdict(table: Table, row, name: str, ratios: dict) -> str:
     return "yes"
 
 
+def _size_family(table, rows) -> Family | None:
+    present = [n for n in SIZE if any(len(rows[r.name].values(n)) for r in table.rows)]
+    if not present:
+        return None
+    out = [{"row": row.name, **{LABELS[n]: rows[row.name].measured(n, "", _count) for n in present}}
+           for row in table.rows]
+    return Family("Size", ["row", *(LABELS[n] for n in present)], out)
+
+
+def _inference_family(table, rows) -> Family | None:
+    present = [n for n in INFERENCE if any(len(rows[r.name].values(n)) for r in table.rows)]
+    if not present:
+        return None
+    columns, out = ["row"], []
+    for n in present:
+        columns += [LABELS[n], f"{LABELS[n]} ratio"]
+    for row in table.rows:
+        r = rows[row.name]
+        cells = {"row": row.name}
+        for n in present:
+            cells[LABELS[n]] = r.measured(n)
+            cells[f"{LABELS[n]} ratio"] = _fmt_ratio(r.ratio(n))
+        out.append(cells)
+    return Family("Deployed inference", columns, out)
+
+
+def judge_claim(claim: Claim, table: Table, rows: dict[str, _Row], at_paper_regime: bool) -> dict:
+    """A printed claim, evaluated on every pair it names that was measured: the measured figure, the paper's own
+    figure from its printed values, and a verdict at the paper's regime (elsewhere 'n/a (regime)')."""
+    results = []
+    for mine, other in claim.pairs:
+        if mine not in rows or not rows[mine].seeds or \
+                (claim.kind != "oom" and (other not in rows or not rows[other].seeds)):
+            continue  # not measured (yet)
+        if claim.kind == "oom":
+            oom = _oom(rows[mine].values(claim.metric))
+            measured_text = oom or "fits: " + rows[mine].measured(claim.metric)
+            verdict = ("yes" if oom else "no") if at_paper_regime else "n/a (regime)"
+            results.append({"pair": mine, "measured": measured_text, "paper": "did not fit", "verdict": verdict})
+            continue
+        paper = claim.figure(_paper_ratio(table, table.row(mine), claim.metric),
+                             _paper_ratio(table, table.row(other), claim.metric))
+        measured = claim.figure(rows[mine].ratio(claim.metric)[0], rows[other].ratio(claim.metric)[0])
+        if measured is None:
+            verdict = "–"
+        elif not at_paper_regime:
+            verdict = "n/a (regime)"
+        else:
+            verdict = "yes" if claim.holds(measured) else "no"
+        results.append({"pair": f"{mine} vs {other}", "measured": claim.format(measured),
+                        "paper": claim.format(paper), "verdict": verdict})
+    return {"text": claim.text, "source": claim.source, "expected": claim.expected(), "results": results}
+
+
+def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.DataFrame,
+                  envs: pd.DataFrame | None = None) -> Section:
+    recipe = table.recipes[scale]
+    at_paper_regime = table.paper_regime is not None and \
+        (recipe.cost_batch, recipe.cost_resolution) == table.paper_regime
+    regime = f"cost measured at batch {recipe.cost_batch} x {recipe.cost_resolution}x{recipe.cost_resolution}"
+    regime += " (the paper's regime)" if at_paper_regime else \
+        (f"; the paper's regime is {table.paper_regime[0]} x {table.paper_regime[1]}x{table.paper_regime[1]}, "
+         "so cost is not judged here" if table.paper_regime else "")
+    commits = {} if envs is None or envs.empty else dict(zip(envs.run_id, envs.git_commit))
+    rows = {row.name: _Row(row, runs[(runs.row_name == row.name) & (runs.scale == scale)], metrics, commits)
+            for row in table.rows}
+    superseded, busy = [], []
+    for r in rows.values():
+        superseded += [{"row": r.row.name, "id": int(o.id), "seed": int(o.seed), "config": o.config_hash[:12],
+                        "commit": (commits.get(o.id) or "unknown")[:12], "status": o.status}
+                       for o in r.old.itertuples()]
+        if (r.values("machine_busy").value == 1).any():  # runners/probes.py, Load
+            share = r.values("other_cpu_share").value.max()
+            busy.append(f"{r.row.name} ({100 * share:.0f}% of the CPUs used by other processes)")
+    families = []
+    accuracy = [n for n in table.metrics if METRICS[n].kind == "accuracy"]
+    costs = [n for n in table.metrics if METRICS[n].kind == "cost"]
+    if accuracy:
+        families.append(_accuracy_family(table, scale, rows, accuracy))
+    if costs:
+        families.append(_cost_family(table, rows, costs, at_paper_regime))
+    families += [f for f in (_size_family(table, rows), _inference_family(table, rows)) if f is not None]
+    plot: dict = {}
+    for name in costs + list(INFERENCE):
+        for row in table.rows:
+            mean, low, high = rows[row.name].ratio(name)
+            paper = _paper_ratio(table, row, name)
+            if mean is not None or paper is not None:
+                plot.setdefault(name, {}).setdefault(row.group, {})[row.name] = (mean, low, high, paper)
+    devices = sorted({d for r in rows.values() if len(r.metrics) for d in r.metrics.device.dropna()})
+    points = [{"table": table.key, "row": r.row.name, "rep": r.row.rep, "arch": r.row.arch,
+               **{n: r.mean(n) for n in ("top1", "time_per_batch", "train_memory", "latency")}}
+              for r in rows.values() if r.seeds]
+    return Section(scale, recipe.as_dict(), regime, devices, families,
+                   [judge_claim(c, table, rows, at_paper_regime) for c in table.claims],
+                   [r.where() for r in rows.values()], plot, table.chain, points, superseded, busy)
+
+
 def build_table_report(table: Table, store) -> dict:
     """Everything a report of ``table`` shows, read from ``store`` (None: no database yet)."""
     if store is None:
@@ -189,7 +374,23 @@ def build_table_report(table: Table, store) -> dict:
         report["sections"].append(build_section(table, scale, runs, metrics, envs))
     report["runs"] = runs[["id", "run_key", "row_name", "scale", "seed", "status", "attempt", "executor",
                            "diverged_step", "error"]].to_dict("records")
+    for run in report["runs"]:
+        run["error"] = first_line(run["error"])
     if not envs.empty:
-        cols = ["git_commit", "git_dirty", "python", "torch", "cuda", "mmcv", "device_name", "host"]
-        report["environments"] = envs[cols].drop_duplicates().to_dict("records")
+        cols = [c for c in ENVIRONMENT if c in envs.columns]
+        report["environments"] = envs[cols].astype(object).where(envs[cols].notna(), None).drop_duplicates() \
+            .to_dict("records")
     return report
+
+
+def leaderboard(reports: list[dict]) -> list[dict]:
+    """Every method measured on one recipe side by side: per (scale, recipe), the rows of all tables that ran it."""
+    boards: dict = {}
+    for report in reports:
+        for section in report["sections"]:
+            recipe = {k: section.recipe.get(k) for k in ("dataset", "resolution", "batch", "epochs", "cost_batch",
+                                                          "cost_resolution")}
+            key = (section.scale, tuple(sorted(recipe.items())))
+            board = boards.setdefault(key, {"scale": section.scale, "recipe": recipe, "points": []})
+            board["points"] += section.points
+    return list(boards.values())

@@ -128,6 +128,15 @@ class Environment(Base):
     device_name: Mapped[str] = mapped_column(String(200), nullable=False)
     host: Mapped[str] = mapped_column(String(255), nullable=False)
     platform: Mapped[str | None] = mapped_column(String(200))
+    torchvision: Mapped[str | None] = mapped_column(String(50))
+    mmengine: Mapped[str | None] = mapped_column(String(50))
+    numpy: Mapped[str | None] = mapped_column(String(50))
+    cudnn: Mapped[str | None] = mapped_column(String(50))
+    driver: Mapped[str | None] = mapped_column(String(50))
+    gpu_count: Mapped[int | None] = mapped_column(Integer)
+    cpu_affinity: Mapped[str | None] = mapped_column(String(200))  # the CPUs this process may run on, e.g. "0-1"
+    command: Mapped[str | None] = mapped_column(Text)  # the run_suite command line, any password masked
+    uv_lock_sha256: Mapped[str | None] = mapped_column(String(64))
     run: Mapped[Run] = relationship(back_populates="environment")
 
 

@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from sqlalchemy.exc import SQLAlchemyError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table as RichTable
+from sqlalchemy.exc import SQLAlchemyError
 
 import suites
 from results import FINAL, StoreError, check_location, check_url, mask_url, resolve_url, split_secret
@@ -117,12 +119,12 @@ def cmd_list(argv, console: Console) -> int:
     tables = [_table(args.table)] if args.table else list(suites.TABLES.values())
     for table in tables:
         scales = ", ".join(table.scales) or f"none yet ({table.runner} runner comes later)"
-        view = RichTable(title=f"{table.key} — {table.title} [scales: {scales}]", title_justify="left")
+        view = RichTable(title=escape(f"{table.key} — {table.title} [scales: {scales}]"), title_justify="left")
         for column in ("row", "arch", "rep", "variant", *table.metrics):
             view.add_column(column)
-        for row in table.rows:
-            view.add_row(row.name, row.arch, row.rep, str(row.variant or "-"),
-                         *(row.paper[m].text if m in row.paper else "" for m in table.metrics))
+        for row in table.rows:  # names are text, not rich markup
+            view.add_row(*(escape(text) for text in (row.name, row.arch, row.rep, str(row.variant or "-"),
+                         *(row.paper[m].text if m in row.paper else "" for m in table.metrics))))
         console.print(view)
     return 0
 
@@ -135,6 +137,8 @@ def _validated_run(args):
     if args.scale not in table.recipes:
         raise BadInput(f"{table.key} has no runner at scale {args.scale!r} "
                        f"({'declared only; its runner comes in a later issue' if not table.recipes else 'scales: ' + ', '.join(table.scales)})")
+    if args.only:
+        args.only = list(dict.fromkeys(args.only))  # a row given twice is planned once
     for name in args.only or []:
         try:
             table.row(name)
@@ -210,7 +214,8 @@ def cmd_run(argv, console: Console) -> int:
     jobs = plan(table, args.scale, args.seeds, args.only, str(data_root), public_url, args.executor, args.devices,
                 args.follow, str(artifacts), args.force, since_ms=since)
     if args.dry_run:
-        console.print(_plan_view(table, args, jobs))
+        done = _already_done(url, jobs) if not args.force else {}
+        console.print(_plan_view(table, args, jobs, done))
         if missing:
             console.print(f"note: {missing}")
         return 0
@@ -219,6 +224,8 @@ def cmd_run(argv, console: Console) -> int:
     except StoreError as e:
         raise BadInput(str(e)) from None
     os.environ.update(secret_env)
+    from runners.jobs import COMMAND_ENV  # what each run records of how it was started
+    os.environ[COMMAND_ENV] = " ".join(["run_suite", *(mask_url(a) if "://" in a else a for a in argv)])
     executor = None
     if args.executor == "local":
         from runners.executors import LocalExecutor
@@ -256,14 +263,17 @@ def _run_local(executor, todo, store, table, args, console) -> int:
     start = time.perf_counter()
     statuses, shown, interrupted = {}, set(), False
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
-        task = bar.add_task(todo[0].label, total=len(todo))
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(escape(todo[0].label), total=len(todo))
 
         def progress(job, status):
             statuses[job.spec.run_key] = status
             bar.advance(task)
+            if not console.is_terminal:  # nohup, CI, Slurm logs: no live bar, so a line per finished run
+                bar.console.print(f"[{len(statuses)}/{len(todo)}] {escape(job.label)}: {status} "
+                                  f"({time.perf_counter() - start:.0f} s)", highlight=False)
             following = [j for j in todo if j.spec.run_key not in statuses]
-            bar.update(task, description=following[0].label if following else "done")
+            bar.update(task, description=escape(following[0].label) if following else "done")
 
         def waiting(held):
             key = tuple(sorted(run.id for run in held))
@@ -388,20 +398,40 @@ def _follow(store, table, scale, run_ids, console, poll_s: float = 5.0) -> int:
     return 0 if all(status in FINAL for status in statuses) else 1
 
 
-def _plan_view(table, args, jobs) -> RichTable:
+def _already_done(url: str, jobs) -> dict[str, str]:
+    """Run key -> status of the planned runs the database already holds finished (or diverged), read without
+    creating or migrating anything; empty when there is no database yet."""
+    from results import SchemaMissing, Store
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return {}
+    try:
+        store = Store(url, migrate=False)
+    except (SchemaMissing, StoreError):
+        return {}
+    try:
+        runs = {job.spec.run_key: store.get_run(job.spec.run_key) for job in jobs}
+        return {key: run.status for key, run in runs.items() if run is not None and run.status in FINAL}
+    finally:
+        store.close()
+
+
+def _plan_view(table, args, jobs, done: dict[str, str] | None = None) -> RichTable:
     """The plan of a dry run: per row the batch arithmetic, lr, schedule, the switches in force and an estimate of
-    device-hours; nothing is written."""
+    device-hours, and which runs the database already holds done (``done``: run key -> status); nothing is
+    written."""
+    done = done or {}
     from runners.data import TRAIN_IMAGES
     recipe = table.recipes[args.scale].following(args.follow)
     c = jobs[0].config if jobs else {}
     switches = "; ".join(f"{k}: {v}" for k, v in recipe.switches().items())
-    view = RichTable(title=f"plan: {table.key} at {args.scale} ({len(jobs)} runs; nothing written)\n"
+    view = RichTable(title=f"plan: {table.key} at {args.scale} ({len(jobs) - len(done)} of {len(jobs)} runs to do, "
+                           f"{len(done)} already done; nothing written)\n"
                            f"devices {c.get('world_size')} (paper: {recipe.devices}), per-device batch "
                            f"{recipe.batch}, grad accumulation {c.get('grad_accum')}, global batch "
                            f"{c.get('global_batch')} (paper: {recipe.global_batch}), lr {recipe.lr:g}, "
                            f"{recipe.epochs} epoch(s), {recipe.dataset} {recipe.resolution}px\n{switches}",
                      title_justify="left")
-    for column in ("row", "seed", "arch", "rep", "steps", "device-hours (est., paper GPUs)", "run key"):
+    for column in ("row", "seed", "arch", "rep", "steps", "device-hours (est., paper GPUs)", "run key", "in database"):
         view.add_column(column)
     images = TRAIN_IMAGES.get(recipe.dataset)
     for job in jobs:
@@ -409,7 +439,8 @@ def _plan_view(table, args, jobs) -> RichTable:
         if recipe.max_iters is not None and steps is not None:
             steps = min(steps, recipe.max_iters)
         view.add_row(job.spec.row_name, str(job.spec.seed), job.config["arch"], job.config["rep"],
-                     str(steps) if steps else "-", _device_hours(table, job, recipe, steps), job.spec.run_key[:12])
+                     str(steps) if steps else "-", _device_hours(table, job, recipe, steps), job.spec.run_key[:12],
+                     f"{done[job.spec.run_key]}: skipped" if job.spec.run_key in done else "to do")
     return view
 
 

@@ -18,7 +18,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from results import LeaseLost, MetricRecord, RunSpec, Store, error_reason
+from results import LeaseLost, MetricRecord, RunSpec, Store, error_reason, mask_url
 
 PROBE_VERSION = 2  # bump when a probe's method changes: it enters the config hash, so old runs are not reused
 FINGERPRINTED = ("backbones", "runners")  # packages whose source enters every run's config hash
@@ -148,15 +148,60 @@ def environment(device: str) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
         if commit:
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal"], cwd=repo,
                                     capture_output=True, text=True, timeout=10).stdout
             dirty = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         pass
+    cuda = torch.cuda.is_available()
     return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
             "mmcv": mmcv_version, "device_name": device_name(device), "host": socket.gethostname(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), **_versions("torchvision", "mmengine", "numpy"),
+            "cudnn": str(torch.backends.cudnn.version()) if cuda and torch.backends.cudnn.is_available() else None,
+            "driver": _nvidia_driver() if cuda else None, "gpu_count": torch.cuda.device_count() if cuda else 0,
+            "cpu_affinity": _ranges(sorted(os.sched_getaffinity(0))),
+            "command": os.environ.get(COMMAND_ENV) or mask_url(" ".join(sys.argv)),
+            "uv_lock_sha256": _sha256(repo / "uv.lock")}
+
+
+COMMAND_ENV = "REPBENCH_COMMAND"  # run_suite puts its command line (password masked) here for its workers
+
+
+def _versions(*packages: str) -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.split("\n")[0].strip() or None if done.returncode == 0 else None
+
+
+def _ranges(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    parts, start = [], None
+    for i, cpu in enumerate(cpus):
+        if start is None:
+            start = cpu
+        if i + 1 == len(cpus) or cpus[i + 1] != cpu + 1:
+            parts.append(str(start) if start == cpu else f"{start}-{cpu}")
+            start = None
+    return ",".join(parts)
+
+
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 def execute(job: Job, slurm_job_id: str | None = None) -> str:

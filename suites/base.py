@@ -4,6 +4,7 @@ reports."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 
@@ -45,6 +46,50 @@ class PaperValue:
             return float("nan")
         match = re.search(r"[-+]?\d+(?:\.\d+)?", self.text)
         return float(match.group(0)) if match else None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A sentence a paper prints about its costs, judged by the report from the measured ratios (each row's ratio to
+    its group's baseline, measured side by side), on every (row, other) pair of ``pairs`` (full row names).
+
+    ``kind``: ``saving``: the share of ``other``'s extra ``metric`` over its baseline that ``row`` does not pay,
+    1 - (r_row - 1) / (r_other - 1); ``speedup``: r_other / r_row; ``oom``: ``row`` did not fit (``other`` unused).
+    It holds where the measured figure lies in [low, high] widened by ``tolerance`` (relative). The tolerance is a
+    choice, recorded here: the papers print round figures ("~70%", "1.5x-2.3x", "4x") and their own rows scatter
+    by about 10 % around them (OREPA Table 4: 69-75 % saving, 1.44-2.33x speed-up)."""
+
+    text: str
+    source: str
+    kind: str
+    metric: str
+    pairs: tuple[tuple[str, str], ...]
+    low: float = 0.0
+    high: float = float("inf")
+    tolerance: float = 0.1
+
+    def figure(self, mine: float | None, other: float | None) -> float | None:
+        """The claim's figure from two ratios to the baseline."""
+        if mine is None or other is None:
+            return None
+        if self.kind == "saving":
+            return None if other == 1 else 1 - (mine - 1) / (other - 1)
+        return other / mine if mine else None
+
+    def holds(self, value: float) -> bool:
+        return self.low * (1 - self.tolerance) <= value <= self.high * (1 + self.tolerance)
+
+    def format(self, value: float | None) -> str:
+        if value is None:
+            return "–"
+        return f"{100 * value:.0f}%" if self.kind == "saving" else f"{value:.2f}x"
+
+    def expected(self) -> str:
+        if self.kind == "oom":
+            return "does not fit"
+        low, high = (self.format(v) for v in (self.low, self.high))
+        span = f"~{low}" if self.low == self.high else (f">= {low}" if math.isinf(self.high) else f"{low}–{high}")
+        return f"{span} (±{100 * self.tolerance:.0f}% accepted)"
 
 
 @dataclass(frozen=True)
@@ -166,7 +211,8 @@ class Table:
     paper_regime: tuple[int, int] | None = (64, 224)          # per-device batch x resolution of the paper's costs
     accuracy_tolerance: float = 0.3                            # points of top-1 (DESIGN.md, Scales)
     runner: str = "classification"                            # classification | dense (dense: declared only)
-    claims: tuple[str, ...] = ()
+    claims: tuple[Claim, ...] = ()
+    chain: bool = False                                        # rows add components one by one (Figure 8)
     resources: dict[str, Resources] = field(default_factory=lambda: dict(RESOURCES))
 
     @property

@@ -59,7 +59,8 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, arg
 def test_list_and_help(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("orepa.table4", "orepa.table1", "orepa.fig8", "orepa.supp_table3", "71.21", "0.086s"):
+    for name in ("orepa.table4", "orepa.table1", "orepa.fig8", "orepa.supp_table3", "71.21", "0.086s",
+                 "[scales: smoke, mini, paper]"):  # not eaten as rich markup
         assert name in out
     with pytest.raises(SystemExit) as info:
         main(["--help"])
@@ -70,8 +71,30 @@ def test_list_and_help(capsys):
 def test_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["table4", "--dry-run", "--seeds", "2"]) == 0
-    assert "36 runs" in capsys.readouterr().out
+    assert "36 of 36 runs to do, 0 already done" in capsys.readouterr().out
     assert not (tmp_path / "results").exists()
+    row = "ResNet-18/DBB"
+    assert main(["table4", "--dry-run", "--only", row, row]) == 0  # a row given twice is planned once
+    assert "1 of 1 runs to do" in capsys.readouterr().out
+
+
+def test_dry_run_accounts_for_runs_already_done(tmp_path, monkeypatch, capsys):
+    from results import Store
+    from runners.jobs import plan
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path}/r.sqlite"
+    store = Store(url)
+    table = suites.get_table("table4")
+    (job,) = plan(table, "smoke", 1, ["ResNet-18/DBB"], str(tmp_path), url)
+    run = store.ensure_run(job.spec)
+    store.finish_run(run.id, "finished", claim=store.claim(run.id, lease_s=60, pid=1, host="h", executor="local"))
+    store.close()
+    before = _files(tmp_path)
+    assert main(["table4", "--dry-run", "--db", url, "--data-root", str(tmp_path),
+                 "--only", "ResNet-18/None", "ResNet-18/DBB"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 2 runs to do, 1 already done" in out and "finished: skipped" in out
+    assert _files(tmp_path) == before
 
 
 def test_report_of_a_table_never_run(tmp_path, monkeypatch):
@@ -187,6 +210,10 @@ def test_smoke_table4_end_to_end(tmp_path):
                               "where m.name = 'time_per_batch_ratio'"))
     assert len(ratios) == 18 and ratios["ResNet-18/None"] == 1.0 and ratios["RepVGG-A0/RepVGG"] == 1.0
     assert ratios["ResNet-18/OREPA"] > 1  # OREPA's online kernel work, timed beside the plain network
+    assert "[18/18] " in first.stdout  # stdout not a terminal: a line per finished run
+    (env,) = set(db_rows(db, "select command, uv_lock_sha256, torchvision, numpy, cpu_affinity from environments"))
+    assert env[0].startswith("run_suite table4 --db sqlite:///") and len(env[1]) == 64 and env[2] and env[3] \
+        and env[4]
     second = run_cli(*args, cwd=tmp_path)
     assert second.returncode == 0 and "nothing to do" in second.stdout
     assert len(db_rows(db, "select id from runs")) == 18
@@ -198,9 +225,10 @@ def test_smoke_table4_end_to_end(tmp_path):
     md = (tmp_path / "o/orepa.table4.md").read_text()
     for printed in ("71.21", "4.2G", "0.086s", "78.29", "0.445s", "7.4G"):
         assert printed in md
-    assert "n/a (scale)" in md and "n/a (regime)" in md and "Scale: smoke" in md
+    assert "Top-1 acc delta" not in md and "n/a (regime)" in md and "Scale: smoke" in md and "### Claims" in md
     html = (tmp_path / "o/orepa.table4.html").read_text()
     assert html.startswith("<!doctype html>") and "data:image/png;base64," in html and "71.21" in html
+    assert {"index.html", "leaderboard.html"} <= {p.name for p in (tmp_path / "o").iterdir()}
 
 
 @pytest.mark.parametrize("table", [t.key for t in suites.TABLES.values() if "paper" in t.recipes])

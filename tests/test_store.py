@@ -31,11 +31,11 @@ def spec(row="ResNet-18/None", seed=0, config=None):
 
 
 def test_migrations_from_empty_reach_head(store):
-    assert store.schema_revision() == "0003"
+    assert store.schema_revision() == "0004"
     tables = set(inspect(store.engine).get_table_names())
     assert {"runs", "params", "metrics", "environments", "artifacts", "attempts", "alembic_version"} <= tables
     store.upgrade()  # idempotent
-    assert store.schema_revision() == "0003"
+    assert store.schema_revision() == "0004"
 
 
 def test_round_trip(store):
