@@ -188,9 +188,10 @@ def _paper_and_measured(label: str, paper, r: _Row, name: str) -> dict[str, str]
             f"{label} measured": r.measured(name)}
 
 
-def _accuracy_family(table, scale, rows: dict[str, _Row], names) -> Family:
+def _accuracy_family(table, scale, rows: dict[str, _Row], names, spread: float) -> Family:
     """At the paper scale: paper | measured | delta | verdict; elsewhere the scale's own numbers beside the paper's
-    (a delta between a smoke run and ImageNet means nothing)."""
+    (a delta between a smoke run and ImageNet means nothing). A row whose seeds' std exceeds ``spread`` points is
+    flagged: its mean does not rank it."""
     columns = ["row", "status"]
     for name in names:
         label = METRICS[name].label
@@ -203,6 +204,9 @@ def _accuracy_family(table, scale, rows: dict[str, _Row], names) -> Family:
         for name in names:
             label, paper = METRICS[name].label, row.paper.get(name)
             cells.update(_paper_and_measured(label, paper, r, name))
+            std = _mean_std(list(r.values(name).value))[1]
+            if std is not None and std > spread:
+                cells[f"{label} measured"] += f" ⚠ seeds disagree (std > {spread:g})"
             if scale != "paper":
                 continue
             mean = r.mean(name)
@@ -340,7 +344,7 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
     accuracy = [n for n in table.metrics if METRICS[n].kind == "accuracy"]
     costs = [n for n in table.metrics if METRICS[n].kind == "cost"]
     if accuracy:
-        families.append(_accuracy_family(table, scale, rows, accuracy))
+        families.append(_accuracy_family(table, scale, rows, accuracy, recipe.seed_spread))
     if costs:
         families.append(_cost_family(table, rows, costs, at_paper_regime))
     families += [f for f in (_size_family(table, rows), _inference_family(table, rows)) if f is not None]

@@ -69,7 +69,9 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="datasets and generated data (default: $REPBENCH_DATA, else data/)")
     parser.add_argument("--executor", default="local", choices=("local", "slurm"))
     parser.add_argument("--only", nargs="+", metavar="ROW", help="only these rows (names as in 'run_suite list')")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per row (default 1)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds 0..N-1 per row (default: the scale's, 3 at mini, else 1); costs are measured in "
+                             "seed 0's run only")
     parser.add_argument("--devices", type=int, default=1, metavar="N",
                         help="processes per run, one per device (CUDA devices, else CPU processes with gloo); the "
                              "recipe's global batch is kept by gradient accumulation (default 1)")
@@ -131,7 +133,7 @@ def cmd_list(argv, console: Console) -> int:
 
 def _validated_run(args):
     """Every check that can fail on user input, before anything touches the database or the disk."""
-    from runners.data import DatasetMissing, check_dataset, resolve_data_root
+    from runners.data import EXTERNAL, DatasetMissing, check_dataset, resolve_data_root
 
     table = _table(args.table)
     if args.scale not in table.recipes:
@@ -144,6 +146,8 @@ def _validated_run(args):
             table.row(name)
         except KeyError as e:
             raise BadInput(e.args[0]) from None
+    if args.seeds is None:
+        args.seeds = table.recipes[args.scale].seeds
     if args.seeds < 1:
         raise BadInput("--seeds must be >= 1")
     if args.devices < 1:
@@ -173,9 +177,13 @@ def _validated_run(args):
             slurm_parameters(table.resources[args.scale], args.devices, site, "check")
         except ValueError as e:
             raise BadInput(str(e)) from None
-    if args.data_root is not None and not Path(args.data_root).is_dir():
-        raise BadInput(f"--data-root {args.data_root} does not exist")
     data_root = resolve_data_root(args.data_root)
+    if data_root.exists() and not data_root.is_dir():
+        raise BadInput(f"--data-root {data_root} is not a directory")
+    if not data_root.exists() and recipe.dataset not in EXTERNAL:  # external data: check_dataset says it is missing
+        ancestor = next(p for p in data_root.absolute().parents if p.exists())
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise BadInput(f"--data-root {data_root} does not exist and cannot be created in {ancestor}")
     missing = None
     try:
         check_dataset(recipe.dataset, data_root)
@@ -223,6 +231,11 @@ def cmd_run(argv, console: Console) -> int:
         store = Store(url)
     except StoreError as e:
         raise BadInput(str(e)) from None
+    try:  # generated data (smoke, mini) goes into a new folder; an external dataset was checked to be there
+        data_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        store.close()
+        raise BadInput(f"--data-root {data_root}: cannot create it ({e.strerror})") from None
     os.environ.update(secret_env)
     from runners.jobs import COMMAND_ENV  # what each run records of how it was started
     os.environ[COMMAND_ENV] = " ".join(["run_suite", *(mask_url(a) if "://" in a else a for a in argv)])

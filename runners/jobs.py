@@ -209,9 +209,10 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
     status, or ``held`` when the run was not this worker's to take (another live worker holds it, or it is done).
 
     Launcher-agnostic: the process's rank comes from the environment (runners/launch.py). Rank 0 claims the run
-    (runners/claims.py) and keeps the claim by a heartbeat, runs the cost probes and records the run; every rank
-    trains; only rank 0 writes metrics and artifacts, and every write holds only while the claim does. Any rank that
-    fails marks the run failed (the launcher stops the others; collectives time out rather than hang).
+    (runners/claims.py) and keeps the claim by a heartbeat, runs the cost probes (in seed 0's run) and records the
+    run; every rank trains; only rank 0 writes metrics and artifacts, and every write holds only while the claim
+    does. Any rank that fails marks the run failed (the launcher stops the others; collectives time out rather than
+    hang).
     """
     import contextlib
 
@@ -257,7 +258,9 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
             model = None
             if dist.is_main:
                 store.log_environment(run_id, environment(device), owner=claim.owner)
-                model = _measure_costs(store, claim, job, recipe, device, keep_initial=trains)
+                if c["seed"] == 0:  # costs do not depend on the seed: measured once per row (their spread comes
+                    # from the probes' repeated, interleaved steps), in seed 0's run
+                    model = _measure_costs(store, claim, job, recipe, device, keep_initial=trains)
             outcome = Outcome("finished")
             if trains:
                 if model is None:  # the other ranks build it with the same seed (DDP broadcasts rank 0's anyway)

@@ -143,6 +143,8 @@ class Recipe:
     latency_batch: int = 1
     throughput_batch: int = 128
     train_accuracy: bool = True
+    seeds: int = 1               # run_suite's default --seeds at this scale
+    seed_spread: float = 2.0     # top-1 points: a row whose seeds' std exceeds it is flagged in the report
 
     def __post_init__(self):
         if self.warmup_epochs and self.warmup_iters:

@@ -33,7 +33,8 @@ def db_rows(path: Path, sql: str):
     (["table4", "--only", "ResNet-18/Nope"], "has no row 'ResNet-18/Nope'"),
     (["table4", "--db", "nosuchdb://x"], "bad database URL"),
     (["table4", "--db", "mysql://u@h/x"], "unsupported database"),
-    (["table4", "--data-root", "/no/such/dir"], "does not exist"),
+    (["table4", "--scale", "paper", "--data-root", "/no/such/dir"], "imagenet not found at /no/such/dir/imagenet"),
+    (["table4", "--data-root", "/etc/hostname"], "is not a directory"),
     (["table4", "--scale", "paper"], "imagenet not found"),
     (["table5"], "declared only"),
     (["table4", "--seeds", "0"], "--seeds must be >= 1"),
@@ -192,7 +193,8 @@ def test_kill_half_way_then_resume(tmp_path):
 def test_smoke_table4_end_to_end(tmp_path):
     """All 18 rows of OREPA Table 4 at smoke scale; the wall time is recorded as a benchmark number."""
     db = tmp_path / "r.sqlite"
-    args = ["table4", "--db", f"sqlite:///{db}", "--data-root", str(tmp_path)]
+    data = tmp_path / "new" / "data"  # generated data: a folder that does not exist yet is made
+    args = ["table4", "--db", f"sqlite:///{db}", "--data-root", str(data)]
     start = time.perf_counter()
     first = run_cli(*args, cwd=tmp_path, timeout=1800)
     elapsed = time.perf_counter() - start
@@ -203,6 +205,7 @@ def test_smoke_table4_end_to_end(tmp_path):
     assert elapsed < 400  # a generous guard; the number itself is the benchmark
     runs = db_rows(db, "select status from runs")
     assert len(runs) == 18 and {s for (s,) in runs} == {"finished"}
+    assert (data / "synthetic" / "train").is_dir()
     names = {n for (n,) in db_rows(db, "select distinct name from metrics")}
     assert {"top1", "train_memory", "time_per_batch", "params_deploy", "macs_deploy", "latency", "time_per_batch_ratio",
             "train_memory_ratio", "latency_ratio", "other_cpu_share", "machine_load_before"} <= names

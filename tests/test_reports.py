@@ -56,6 +56,16 @@ def test_accuracy_at_a_small_scale_shows_its_own_numbers_without_deltas(store):
     assert "-0.77" not in render_markdown(report)
 
 
+def test_seeds_that_disagree_are_flagged(store):
+    table = suites.get_table("table1")
+    spread = table.recipes["mini"].seed_spread
+    fill(store, table, "mini", {"DBB-18/Original": [{"top1": 90.0}, {"top1": 90.0 + 3 * spread}, {"top1": 90.0}],
+                                "DBB-18/W/o re-param": [{"top1": 95.0}, {"top1": 95.0 + spread}, {"top1": 95.0}]})
+    section = build_table_report(table, store)["sections"][0]
+    assert "seeds disagree" in cell(section, "DBB-18/Original", "Top-1 acc measured")
+    assert "seeds disagree" not in cell(section, "DBB-18/W/o re-param", "Top-1 acc measured")
+
+
 def test_paper_scale_accuracy_verdicts(store):
     table = suites.get_table("table3")
     fill(store, table, "paper", {"ResNet-18/Vector scaling": [{"top1": 72.30}],
