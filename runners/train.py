@@ -376,7 +376,8 @@ def optim_wrapper_cfg(recipe, grad_accum: int = 1) -> dict:
         paramwise["bias_lr_mult"] = recipe.bias_lr_mult
     return dict(optimizer=dict(type="SGD", lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                                nesterov=recipe.nesterov),
-                accumulative_counts=grad_accum, paramwise_cfg=paramwise)
+                accumulative_counts=grad_accum, paramwise_cfg=paramwise,
+                **({"clip_grad": dict(max_norm=recipe.clip_grad)} if recipe.clip_grad else {}))
 
 
 # -- the run -----------------------------------------------------------------------------------------------------

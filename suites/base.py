@@ -131,6 +131,7 @@ class Recipe:
     bias_lr_mult: float = 2.0    # lr multiplier of every parameter whose name contains "bias" (BN biases included)
     bias_lr_mult_norm: bool = True  # False: mmengine's bias_lr_mult rule, which skips norm layers
     label_smoothing: float = 0.0
+    clip_grad: float | None = None  # max global L2 norm of the gradient (None: no clipping)
     eval_crop: float = 0.875     # ImageNet evaluation: resize to resolution / eval_crop, centre-crop (224 of 256)
     checkpoints: bool = True     # a checkpoint per epoch and on SIGTERM/SIGUSR2 (smoke and cost-only runs: none)
     paper_text: tuple[tuple[str, object], ...] = ()  # overrides that follow the paper's text instead of the code
@@ -170,6 +171,7 @@ class Recipe:
                 "bias lr": f"x{self.bias_lr_mult:g}" + (" (BN biases too)" if self.bias_lr_mult_norm else ""),
                 "weight decay": f"{self.weight_decay:g} (not on biases or BN; scaling vectors decayed)",
                 "label smoothing": f"{self.label_smoothing:g}", "nesterov": self.nesterov,
+                "grad clip": f"L2 norm {self.clip_grad:g}" if self.clip_grad else "none",
                 "eval": f"resize {round(self.resolution / self.eval_crop)} + centre crop {self.resolution}"
                         if self.dataset == "imagenet" else f"resize {self.resolution}",
                 "checkpoints": "every epoch + on SIGTERM/SIGUSR2" if self.checkpoints else "none"}

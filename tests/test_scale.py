@@ -286,6 +286,20 @@ def test_official_lr_and_decay_rules(bn_biases):
         assert group[kind]["weight_decay"] == pytest.approx(1e-4) and group[kind]["lr"] == pytest.approx(0.1), kind
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_gradient_clipping_bounds_the_step(clip):
+    from mmengine.optim import build_optim_wrapper
+
+    from runners.train import optim_wrapper_cfg
+    recipe = replace(RECIPE, lr=1.0, momentum=0.0, weight_decay=0.0, clip_grad=clip)
+    model = nn.Linear(4, 2, bias=False)
+    before = model.weight.detach().clone()
+    wrapper = build_optim_wrapper(model, optim_wrapper_cfg(recipe))
+    wrapper.update_params((1000 * model(torch.ones(1, 4))).sum())  # gradient norm 1000 * sqrt(8)
+    moved = float((model.weight.detach() - before).norm())
+    assert moved == pytest.approx(1.0 if clip else 1000 * 8 ** 0.5, rel=1e-5)
+
+
 @pytest.mark.slow
 def test_a_checkpointing_run_records_its_artifacts_and_force_starts_over(tmp_path):
     """Through the job entry point: a 2-epoch run with checkpoints stores per-epoch top-1 and loss with their step,
