@@ -9,16 +9,18 @@ from .base import Claim, PaperValue, Recipe, Row, Table
 PAPER = "orepa"
 
 # Smoke: plumbing only (synthetic ImageFolder data, 32x32, one optimizer step of 2 devices x 2 images, no
-# checkpoints; cost probes: 1 warm-up and 1 timed step). Mini: 4 epochs on the real digits scans at 32x32 (2 devices x
-# 32 = 64 per step; one process accumulates), 3 seeds, and costs at 16x128x128 on CPU. Its lr is 0.02 with a 1-epoch
-# linear warm-up: at 0.1 (the paper's lr, for 256 ImageNet images a step) half the rows never learned in ~44 steps,
-# and many-branch blocks (DBB sums four BN'd branches per conv) need the gentler start; the same for every row. Paper: the official recipe (ImageNet, 120 epochs, 4 GPUs x 64 = 256 at lr 0.1,
+# checkpoints; cost probes: 1 warm-up and 1 timed step). Mini: 5 epochs on the real digits scans at 32x32 (2 devices x
+# 32 = 64 per step; one process accumulates), 3 seeds, and costs at 16x128x128 on CPU. One recipe for every row: lr
+# 0.02 after a 1-epoch linear warm-up, gradients clipped at L2 norm 10. At lr 0.1 (the paper's, for 256 ImageNet images
+# a step) half the rows never learned in ~44 steps; many-branch blocks (DBB sums four BN'd branches per conv) need the
+# gentler start, and without clipping ResNet-18/DBB ended at 89 % and ResNet-101/DBB at 85-89 % (with it: 98 / 92 %). Paper: the official recipe (ImageNet, 120 epochs, 4 GPUs x 64 = 256 at lr 0.1,
 # official code notes Sec. 1.8): warm-up 5 *iterations* as the code does (its text says 5 epochs: --follow paper),
 # bias lr x2 on every "bias" parameter (BN biases too), weight decay 1e-4 except biases and BN (scaling vectors
 # decayed), no label smoothing, evaluation resize 256 + centre crop 224.
 SMOKE = Recipe(dataset="synthetic", resolution=32, batch=2, devices=2, epochs=1, max_iters=1, checkpoints=False,
                cost_batch=2, cost_resolution=32, cost_warmup=1, cost_steps=1, latency_batch=1, throughput_batch=2)
-MINI = Recipe(dataset="digits", resolution=32, batch=32, devices=2, epochs=4, lr=0.02, warmup_epochs=1.0, seeds=3,
+MINI = Recipe(dataset="digits", resolution=32, batch=32, devices=2, epochs=5, lr=0.02, warmup_epochs=1.0, seeds=3,
+              clip_grad=10.0,
               cost_batch=16, cost_resolution=128, cost_warmup=2, cost_steps=5, throughput_batch=16)
 PAPER_SCALE = Recipe(dataset="imagenet", resolution=224, batch=64, devices=4, epochs=120, lr=0.1, warmup_iters=5,
                      paper_text=(("warmup_iters", 0), ("warmup_epochs", 5.0)),

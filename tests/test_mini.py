@@ -1,6 +1,14 @@
-"""The mini scale's recipe: one recipe for every row of a table, on the real digits scans, seeds by default."""
+"""The mini scale's recipe: one recipe for every row of a table, on the real digits scans, seeds by default, and
+convergence of the heaviest branch structures (a recipe change that breaks it fails here)."""
+
+from pathlib import Path
+
+import pytest
+import torch
 
 import suites
+from backbones import build_classifier
+from runners.train import train_classifier
 
 
 def test_every_runnable_table_has_one_mini_recipe_with_seeds():
@@ -11,3 +19,16 @@ def test_every_runnable_table_has_one_mini_recipe_with_seeds():
         assert recipe.dataset == "digits" and recipe.resolution == 32, table.key
         assert recipe.seeds == 3 and recipe.seed_spread > 0, table.key
         assert recipe.warmup_epochs > 0 or recipe.warmup_iters > 0, table.key  # many-branch blocks need a gentle start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rep", ["dbb", "orepa"])
+def test_the_heaviest_branch_structures_learn_the_digits_in_the_mini_recipe(rep, tmp_path):
+    """ResNet-18 with DBB and OREPA blocks (the most branches per conv), trained exactly as a mini run trains them
+    (one process accumulating the recipe's devices): >= 90 % top-1 on the digits (chance: 10 %)."""
+    recipe = suites.get_table("table4").recipes["mini"]
+    torch.manual_seed(0)
+    net = build_classifier("resnet18", rep, num_classes=10)
+    result = train_classifier(net, recipe, Path(tmp_path), seed=0, grad_accum=recipe.devices)
+    assert len(result.epochs) == recipe.epochs
+    assert result.top1 >= 90.0, [e["top1"] for e in result.epochs]
