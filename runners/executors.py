@@ -33,11 +33,42 @@ PRELOAD = ["torch", "torch._dynamo", "torchvision", "mmengine.runner", "mmengine
 EXIT_CODES = {"finished": 0, "diverged": 0, "failed": 1, "held": 3, "lost": 3, "preempted": 4}
 
 
-def _worker(job: Job, rank: int = 0, port: int | None = None) -> None:
+def _die_with(pid: int) -> None:
+    """Kill this process as soon as process ``pid`` (the run_suite that started it) has ended, however it ended.
+    A forkserver child's parent is the fork server, which outlives a killed run_suite for as long as any of its
+    children lives (each holds the server's keep-alive pipe), so PR_SET_PDEATHSIG alone never fires there."""
+    import select
+    import threading
+
+    def watch() -> None:
+        try:
+            handle = os.pidfd_open(pid)  # readable once the process has ended; immune to pid reuse
+        except (AttributeError, OSError):
+            handle = None
+        while True:
+            if handle is not None:
+                select.select([handle], [], [])
+            else:
+                time.sleep(1.0)
+                try:
+                    os.kill(pid, 0)
+                    continue
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    continue
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="repbench-parent-watch", daemon=True).start()
+
+
+def _worker(job: Job, rank: int = 0, port: int | None = None, parent: int | None = None) -> None:
     from .probes import _die_with_parent, start_clean_fork_server
     _die_with_parent()  # a killed run_suite takes its jobs with it; the re-run then retries them
     if rank == 0:  # first thing, while the process is fresh: memory probes then use the timing's thread count
         start_clean_fork_server()
+    if parent is not None:
+        _die_with(parent)
     # Ctrl-C in the terminal reaches the whole process group: run_suite alone handles it and stops its workers
     # with SIGTERM, on which they checkpoint (runners/train.py) and record the run as preempted.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -105,7 +136,7 @@ class LocalExecutor:
 
     def _run_one(self, job: Job, store: Store) -> str:
         port = free_port() if job.devices > 1 else None
-        processes = [self._context.Process(target=_worker, args=(job, rank, port),
+        processes = [self._context.Process(target=_worker, args=(job, rank, port, os.getpid()),
                                            name=f"repbench {job.label} rank {rank}")
                      for rank in range(job.devices)]
         self._processes, self._current = processes, (job, store)

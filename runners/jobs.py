@@ -375,7 +375,7 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> O
 
     from backbones import deploy, save_checkpoint
     from . import probes
-    from .train import Diverged, Preempted, sha256_of, train_classifier
+    from .train import Diverged, Preempted, checkpoints_in, sha256_of, train_classifier
 
     c = job.config
     run_dir = job.run_dir
@@ -447,6 +447,12 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> O
                                    row=c["row"], scale=c["scale"], seed=c["seed"], variant=c["variant"])
             store.log_artifact(run_id, form, str(path), path.stat().st_size, sha256_of(path), recipe.epochs,
                                owner=owner)
+        # The training-state checkpoints only serve a resume: once the final weights are recorded they go (a mini
+        # table4 would otherwise keep ~1 GB of optimizer state per run, tens of GB for the table).
+        for state in checkpoints_in(run_dir / "checkpoints"):
+            state.with_name(state.name + ".sha256").unlink(missing_ok=True)
+            state.unlink(missing_ok=True)
+            store.remove_artifacts(run_id, path=str(state), owner=owner)
     log(f"finished: top-1 {result.top1:.2f}%  loss {result.train_loss:.4f}  ({result.iters} optimizer steps)")
     record_log()
     return Outcome("finished")

@@ -1,6 +1,7 @@
 """Cluster execution: claims under contention, concurrent workers and invocations, faults (kill -9, a database that
 stops, requeue), a real single-node Slurm (conftest.Slurm) and a real PostgreSQL server, and secrets."""
 
+import contextlib
 import multiprocessing as mp
 import os
 import random
@@ -189,17 +190,21 @@ def running_run(url, row=None, timeout=300) -> dict:
 
 @pytest.mark.slow
 def test_killed_invocation_is_retried_and_sigterm_stops_the_workers(tmp_path):
-    """kill -9 of run_suite and its worker leaves the run 'running' under a lease; the next invocation sees the
-    owner is gone (same host), expires the lease and retries the run as attempt 2. SIGTERM to run_suite stops its
-    worker; a worker whose parent is killed stops itself."""
+    """kill -9 of run_suite alone (not its process group): its worker stops itself, the run stays 'running' under
+    a lease; the next invocation sees the owner is gone (same host), expires the lease and retries the run as
+    attempt 2. SIGTERM to run_suite stops its worker."""
     url = f"sqlite:///{tmp_path}/r.sqlite"
     args = ["table4", "--only", ROWS[0], "--db", url, "--data-root", str(tmp_path), "--artifacts",
             str(tmp_path / "a")]
     first = run_suite(*args, cwd=tmp_path, start_new_session=True)
     run = running_run(url)
-    os.killpg(first.pid, signal.SIGKILL)
+    os.kill(first.pid, signal.SIGKILL)
     first.wait(60)
-    wait_until(lambda: not _alive(int(run["pid"])), 30, what="the worker to die with its parent")
+    try:
+        wait_until(lambda: not _alive(int(run["pid"])), 30, what="the worker to die with its parent")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of its group, if the test failed
+            os.killpg(first.pid, signal.SIGKILL)
     code, out, err = finish(run_suite(*args, cwd=tmp_path))
     assert code == 0, err
     assert_each_run_once(url, [ROWS[0]], attempts=2)

@@ -301,14 +301,15 @@ def test_gradient_clipping_bounds_the_step(clip):
 
 
 @pytest.mark.slow
-def test_a_checkpointing_run_records_its_artifacts_and_force_starts_over(tmp_path):
+def test_a_checkpointing_run_records_its_artifacts_and_force_starts_over(tmp_path, monkeypatch):
     """Through the job entry point: a 2-epoch run with checkpoints stores per-epoch top-1 and loss with their step,
-    and records its checkpoints, log and final weights (train and deploy form, loadable strictly) with size and
-    sha256; a fresh (--force) run removes the old checkpoints before it starts."""
+    records its checkpoints while it trains and, once finished, keeps its log and final weights (train and deploy
+    form, loadable strictly) with size and sha256 and drops the resume-only checkpoints; a fresh (--force) run
+    removes old checkpoints before it starts."""
     from backbones import build_classifier, deploy, load_checkpoint
     from results import Store
     from runners.jobs import execute, plan
-    from runners.train import sha256_of
+    from runners.train import STATE_FORMAT, sha256_of, write_checkpoint
     from suites.base import Row, Table
 
     write_imagefolder(tmp_path, train=8, val=4, size=32)
@@ -321,12 +322,18 @@ def test_a_checkpointing_run_records_its_artifacts_and_force_starts_over(tmp_pat
     (job,) = plan(table, "mini", 1, None, str(tmp_path), url, devices=1, artifacts_root=str(tmp_path / "art"))
     job.run_id = store.ensure_run(job.spec).id
     assert job.config["grad_accum"] == 2 and job.config["global_batch"] == 4
+    recorded = []
+    log_artifact = Store.log_artifact
+    monkeypatch.setattr(Store, "log_artifact", lambda self, run_id, kind, *a, **k: (
+        recorded.append(kind), log_artifact(self, run_id, kind, *a, **k))[1])
     assert execute(job) == "finished"
+    assert recorded.count("checkpoint") == 2  # one per epoch, recorded as it was written
     history = store.metrics_frame("orepa.tiny", history=True)
     assert sorted(history[history.name == "top1"].step) == [2, 4]  # 2 optimizer steps per epoch
     assert sorted(history[history.name == "train_loss"].step) == [2, 4]
     artifacts = store.artifacts_frame(job.run_id)
-    assert sorted(artifacts.kind) == ["checkpoint", "checkpoint", "log", "weights_deploy", "weights_train"]
+    assert sorted(artifacts.kind) == ["log", "weights_deploy", "weights_train"]
+    assert not list((job.run_dir / "checkpoints").glob("state-*"))
     for artifact in artifacts.itertuples():
         path = Path(artifact.path)
         assert path.parent.is_relative_to(job.run_dir) and path.stat().st_size == artifact.size_bytes
@@ -334,12 +341,12 @@ def test_a_checkpointing_run_records_its_artifacts_and_force_starts_over(tmp_pat
     weights = dict(zip(artifacts.kind, artifacts.path))
     load_checkpoint(build_classifier("resnet18", "none", 4), weights["weights_train"])
     load_checkpoint(deploy(build_classifier("resnet18", "none", 4)), weights["weights_deploy"])
-    old = sorted((job.run_dir / "checkpoints").glob("state-*.pth"))
-    marker = job.run_dir / "checkpoints" / "state-e0009-s000000099.pth"  # would be resumed from, if kept
-    marker.write_bytes(b"stale")
+    # a verified checkpoint a plain re-run would resume from: --force must remove it first
+    marker, _, _ = write_checkpoint({"format": STATE_FORMAT, "epoch": 9}, job.run_dir / "checkpoints",
+                                    "state-e0009-s000000099.pth")
     job.fresh = True
     assert execute(job) == "finished"
     assert not marker.exists() and "resuming" not in (job.run_dir / "run.log").read_text()
-    assert sorted(p.name for p in (job.run_dir / "checkpoints").glob("state-*.pth")) == [p.name for p in old]
-    assert len(store.artifacts_frame(job.run_id)) == 5
+    assert not list((job.run_dir / "checkpoints").glob("state-*"))
+    assert len(store.artifacts_frame(job.run_id)) == 3
     store.close()
