@@ -13,12 +13,16 @@ from __future__ import annotations
 import os
 
 from mmengine.model import BaseModule
+from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_CONSTRUCTORS
+from mmengine.registry import OPTIMIZERS as MMENGINE_OPTIMIZERS
 from mmengine.registry import Registry
 from torch import nn
 
 from .deploy import CheckpointError, deploy, infer_form, load_state, read_checkpoint
 from .networks import build_classifier
+from .repopt import RepOptimizerAdamW, RepOptimizerSGD, checked_mults, grad_mults
 
 MODELS = Registry("model", parent=MMENGINE_MODELS, scope="repbench", locations=["backbones"])
 
@@ -101,3 +105,32 @@ class RepVGG(_RepBackbone):
         self._setup(build_classifier(arch, rep, num_classes=0, variant=variant), out_indices, frozen_stages,
                     norm_eval, pretrained)
 
+
+
+# -- RepOptimizers through MMEngine's optimizer registry -------------------------------------------------------------
+# optim_wrapper = dict(constructor="repbench.RepOptimizerConstructor",
+#                      optimizer=dict(type="repbench.RepOptimizerSGD", lr=0.1, momentum=0.9, nesterov=True,
+#                                     weight_decay=4e-5))
+# The constructor hands the optimizer the Grad Mults of the model's RepOpt blocks (backbones.repopt.reinitialize
+# sets their constants); gradient clipping is refused (it breaks CSLA = GR).
+OPTIMIZERS = Registry("optimizer", parent=MMENGINE_OPTIMIZERS, scope="repbench", locations=["backbones"])
+OPTIM_WRAPPER_CONSTRUCTORS = Registry("optimizer wrapper constructor", parent=MMENGINE_CONSTRUCTORS,
+                                      scope="repbench", locations=["backbones"])
+OPTIMIZERS.register_module(module=RepOptimizerSGD)
+OPTIMIZERS.register_module(module=RepOptimizerAdamW)
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class RepOptimizerConstructor(DefaultOptimWrapperConstructor):
+    """MMEngine's default constructor (param groups, paramwise rules), then the Grad Mults of the model's RepOpt
+    blocks at the optimizer's power."""
+
+    def __call__(self, model: nn.Module):
+        if self.optim_wrapper_cfg.get("clip_grad"):
+            raise ValueError("gradient clipping breaks the RepOptimizer's equivalence with CSLA; remove clip_grad")
+        wrapper = super().__call__(model)
+        optimizer = wrapper.optimizer
+        if not isinstance(optimizer, (RepOptimizerSGD, RepOptimizerAdamW)):
+            raise TypeError(f"RepOptimizerConstructor builds RepOptimizers, not {type(optimizer).__name__}")
+        optimizer.grad_mults = checked_mults(grad_mults(getattr(model, "module", model), optimizer.power))
+        return wrapper

@@ -117,15 +117,20 @@ class ResNet(Classifier):
 
 class RepVGG(Classifier):
     """RepVGG (Ding et al., CVPR 2021): a stride-2 stem block, four stages whose first block has stride 2, GAP, FC.
-    ``override_groups`` maps global layer indices (stage-0 block = 0) to conv groups (the g2/g4 models)."""
+    ``override_groups`` maps global layer indices (stage-0 block = 0) to conv groups (the g2/g4 models); ``strides``
+    of the stem and the four stages' first layers (RepOptimizers Table 6 sets some to 1). RepOpt-VGG is this
+    network with ``rep`` csla / hs / repopt."""
 
     def __init__(self, layers: tuple[int, ...], widths: tuple[float, ...], config: RepConfig,
-                 num_classes: int = 1000, override_groups: dict[int, int] | None = None):
+                 num_classes: int = 1000, override_groups: dict[int, int] | None = None,
+                 strides: tuple[int, ...] = (2, 2, 2, 2, 2)):
         super().__init__()
+        if len(strides) != 5:
+            raise ValueError(f"strides: one per stride-2 layer (the stem and four stages), got {strides}")
         self.config = config
         override_groups = override_groups or {}
         in_planes = min(64, int(64 * widths[0]))
-        self.stem = make_conv(config, 3, in_planes, 3, 2)
+        self.stem = make_conv(config, 3, in_planes, 3, strides[0])
         self.relu = nn.ReLU(inplace=True)
         index = 1
         stages = []
@@ -133,8 +138,8 @@ class RepVGG(Classifier):
             planes = int(64 * 2 ** i * widths[i]) if i < 3 else int(512 * widths[3])
             blocks = []
             for j in range(n):
-                blocks.append(make_conv(config, in_planes, planes, 3, 2 if j == 0 else 1,
-                                        override_groups.get(index, 1)))
+                blocks.append(make_conv(config, in_planes, planes, 3, strides[i + 1] if j == 0 else 1,
+                                        override_groups.get(index, 1), layer=j + 1))
                 blocks.append(nn.ReLU(inplace=True))
                 in_planes = planes
                 index += 1
@@ -184,6 +189,11 @@ ARCHS: dict[str, Arch] = {
     "repvgg_b2g4": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(2.5, 2.5, 2.5, 5), override_groups=_G4),
                         "RepVGG Table 2"),
     "repvgg_b3": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(3, 3, 3, 5)), "RepVGG Table 2"),
+    # RepOptimizers Table 1: B1 / B2 are RepVGG-B1 / B2's layouts, L1 / L2 deeper (8, 14, 24, 1)
+    "repoptvgg_b1": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(2, 2, 2, 4)), "RepOptimizers Table 1"),
+    "repoptvgg_b2": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(2.5, 2.5, 2.5, 5)), "RepOptimizers Table 1"),
+    "repoptvgg_l1": Arch("repvgg", dict(layers=(8, 14, 24, 1), widths=(2, 2, 2, 4)), "RepOptimizers Table 1"),
+    "repoptvgg_l2": Arch("repvgg", dict(layers=(8, 14, 24, 1), widths=(2.5, 2.5, 2.5, 5)), "RepOptimizers Table 1"),
 }
 FAMILY_REPS = {"resnet": RESNET_REPS, "repvgg": REPVGG_REPS}
 
@@ -211,8 +221,8 @@ def build_classifier(arch: str, rep: str = "none", num_classes: int = 1000, vari
     if spec.family == "resnet":
         model = ResNet(config=config, num_classes=num_classes, **spec.kwargs, **backbone_kwargs)
     else:
-        if backbone_kwargs:
-            raise ValueError(f"{arch} takes no backbone options, got {sorted(backbone_kwargs)}")
-        model = RepVGG(config=config, num_classes=num_classes, **spec.kwargs)
+        if set(backbone_kwargs) - {"strides"}:
+            raise ValueError(f"{arch} takes only the option strides, got {sorted(backbone_kwargs)}")
+        model = RepVGG(config=config, num_classes=num_classes, **spec.kwargs, **backbone_kwargs)
     model.arch, model.rep = arch, rep
     return model

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from .blocks import (ACB, DBB, DBB_BRANCHES, OREPA, OREPA_BRANCHES, ConvBN, OREPA1x1, OREPADeepStem, RepVGGBlock,
                      ReparamBlock, orepa_vgg_block)
 from .branches import ConvGeometry
+from .repopt import CSLA, RepOptConvBN, hs_scale_init
 
 RESNET_REPS = ("none", "acb", "dbb", "orepa")
-REPVGG_REPS = ("none", "repvgg", "orepa_vgg")
+REPVGG_REPS = ("none", "repvgg", "orepa_vgg", "csla", "hs", "repopt")  # the last three: RepOptimizers
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class RepConfig:
     init: str = "code"
     deep_stem: bool = False   # OREPA: the 7x7 stem becomes the linear deep stem
     rep_1x1: bool = False     # OREPA: bottleneck 1x1s become Rep-1x1
+    hs_init: str = "code"     # RepOptimizers' CSLA / HS scale init by depth: "code" or "paper" (backbones/repopt.py)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -44,6 +46,9 @@ DEFAULTS = {
     "orepa": RepConfig("orepa", form="online", branches=OREPA_BRANCHES, deep_stem=True, rep_1x1=True),
     "repvgg": RepConfig("repvgg", branches=("origin", "1x1", "identity"), post_norm=False),
     "orepa_vgg": RepConfig("orepa_vgg", form="online"),
+    "csla": RepConfig("csla", form="linear_offline"),
+    "hs": RepConfig("hs", form="linear_offline"),
+    "repopt": RepConfig("repopt"),
 }
 TUNABLE = {  # the fields a variant may change, per rep
     "none": set(), "acb": set(),
@@ -51,6 +56,7 @@ TUNABLE = {  # the fields a variant may change, per rep
     "orepa": {"form", "branches", "scaling", "post_norm", "init", "deep_stem", "rep_1x1"},
     "repvgg": {"form", "scaling", "post_norm"},
     "orepa_vgg": {"form"},
+    "csla": {"hs_init"}, "hs": {"hs_init"}, "repopt": set(),
 }
 _WITHOUT_BRANCH_NORM = dict(form="linear_offline", scaling="none", post_norm=True)
 PRESETS = {
@@ -106,10 +112,11 @@ def resolve_variant(rep: str, variant: str | dict | None = None) -> RepConfig:
 
 
 def make_conv(config: RepConfig, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-              groups: int = 1, dilation: int = 1, role: str = "body") -> ReparamBlock:
+              groups: int = 1, dilation: int = 1, role: str = "body", layer: int = 0) -> ReparamBlock:
     """The block for one conv+BN of a network (OREPA's ``convnet_utils.choose_blk``).
 
-    ``role``: ``body`` or ``stem`` (ResNet's 7x7). Under DBB and ACB, 1x1 and 7x7 convs stay conv+BN, as in their
+    ``role``: ``body`` or ``stem`` (ResNet's 7x7); ``layer``: the conv's depth in its stage (1 = first, 0 = stem),
+    which sets the CSLA / Hyper-Search scales' initial value. Under DBB and ACB, 1x1 and 7x7 convs stay conv+BN, as in their
     official code; the caller passes ``RepConfig("none")`` for convs a method leaves alone (BasicBlock shortcuts).
     """
     geometry = ConvGeometry(in_channels, out_channels, kernel_size, stride, None, dilation, groups)
@@ -137,4 +144,8 @@ def make_conv(config: RepConfig, in_channels: int, out_channels: int, kernel_siz
         return RepVGGBlock(geometry, config.form, config.scaling, config.post_norm)
     if rep == "orepa_vgg":
         return orepa_vgg_block(geometry, config.form)
+    if rep in ("csla", "hs"):
+        return CSLA(geometry, hs_scale_init(layer, config.hs_init), trainable=rep == "hs")
+    if rep == "repopt":
+        return RepOptConvBN(geometry)
     raise ValueError(f"unknown rep {rep!r}")

@@ -26,9 +26,11 @@ def randomize(model: torch.nn.Module, generator_seed: int = 0) -> torch.nn.Modul
                 uniform(m.running_var, 0.5, 1.5)
                 uniform(m.weight, 0.5, 1.5)
                 uniform(m.bias, -0.1, 0.1)
-        for name, p in model.named_parameters():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith("scale"):
                 uniform(p, 0.1, 1.0)
+            elif name.rsplit(".", 1)[-1] in ("scale_conv", "scale_1x1", "scale_identity"):  # RepOpt's CSLA / HS
+                uniform(p, -1.0, 1.5)
             elif name.endswith("first") and not p.abs().sum():
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
     return model

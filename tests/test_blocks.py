@@ -10,6 +10,7 @@ from backbones import deploy
 from backbones.blocks import (ACB, DBB, OREPA, OREPA_BRANCHES, OREPA1x1, ConvBN, MultiBranchConv, OREPADeepStem,
                               RepVGGBlock, orepa_vgg_block)
 from backbones.branches import ConvGeometry
+from backbones.repopt import CSLA, RepOptConvBN
 from conftest import TOLERANCE, randomize, rel_err
 
 BLOCKS = {
@@ -30,6 +31,9 @@ BLOCKS = {
     "orepa_dbb_branches": lambda g: OREPA(g, branches=("origin", "1x1", "avg", "1x1_kxk")),
     "orepa_vgg": lambda g: orepa_vgg_block(g),
     "orepa_vgg_offline": lambda g: orepa_vgg_block(g, "offline_bn"),
+    "csla": lambda g: CSLA(g),                    # RepOptimizers: constant scales (randomised, negatives too)
+    "hs": lambda g: CSLA(g, trainable=True),      # RepOptimizers: Hyper-Search
+    "repopt": lambda g: RepOptConvBN(g),
 }
 NO_GROUPS = {"dbb", "dbb_no_branch_norm"}  # grouped DBB is allowed; kept in the grid below via groups=2 too
 

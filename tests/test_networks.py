@@ -10,8 +10,9 @@ from backbones import ARCHS, PRESETS, build_classifier, deploy, form_of
 from backbones.networks import FAMILY_REPS
 from conftest import TOLERANCE, randomize, rel_err
 
-ALL = [(arch, rep) for arch, spec in ARCHS.items() for rep in FAMILY_REPS[spec.family]]
-LARGE = {"resnet101", "repvgg_b1", "repvgg_b1g2", "repvgg_b1g4", "repvgg_b2", "repvgg_b2g4", "repvgg_b3"}
+REPOPT = ("csla", "hs", "repopt")  # RepOptimizers' reps: swept on one small RepVGG (RepOpt-VGG's sizes: Table 1 test)
+ALL = [(arch, rep) for arch, spec in ARCHS.items() for rep in FAMILY_REPS[spec.family]
+       if not arch.startswith("repoptvgg") and (rep not in REPOPT or arch == "repvgg_a0")]
 
 
 def conv(cin, cout, k, groups=1):
@@ -65,6 +66,10 @@ EXPECTED = {
     "repvgg_b2": repvgg_params((4, 6, 16, 1), (2.5, 2.5, 2.5, 5)),
     "repvgg_b2g4": repvgg_params((4, 6, 16, 1), (2.5, 2.5, 2.5, 5), EVEN, 4),
     "repvgg_b3": repvgg_params((4, 6, 16, 1), (3, 3, 3, 5)),
+    "repoptvgg_b1": repvgg_params((4, 6, 16, 1), (2, 2, 2, 4)),
+    "repoptvgg_b2": repvgg_params((4, 6, 16, 1), (2.5, 2.5, 2.5, 5)),
+    "repoptvgg_l1": repvgg_params((8, 14, 24, 1), (2, 2, 2, 4)),
+    "repoptvgg_l2": repvgg_params((8, 14, 24, 1), (2.5, 2.5, 2.5, 5)),
 }
 # Printed deployed params (millions) and where they are printed; the RepVGG paper's table truncates.
 PRINTED = {
@@ -74,8 +79,37 @@ PRINTED = {
 }  # RepVGG (CVPR 2021) Table 4 and Table 5, column "Params (M)"
 
 
-def truncated_millions(n: int) -> float:
-    return math.floor(n / 1e4) / 100
+def truncated_millions(n: int, decimals: int = 2) -> float:
+    return math.floor(n / 10 ** (6 - decimals)) / 10 ** decimals
+
+
+# RepOptimizers Table 1 "Param (M)" (deployed) and Table 2 "Params (M)" train / inference, as printed (0.1 M).
+REPOPT_PRINTED = {  # arch: (Table 1 deployed, Table 2 RepVGG train, Table 2 RepOpt-VGG train)
+    "repoptvgg_b1": (51.8, 57.4, 51.8), "repoptvgg_b2": (80.3, 89.0, 80.3),
+    "repoptvgg_l1": (76.0, 84.3, 76.0), "repoptvgg_l2": (118.1, 131.0, 118.1)}
+
+
+def bn_params(layers, widths):
+    """The BN affine parameters of a RepVGG-layout net with one BN per conv (the RepOpt target's training form)."""
+    channels = [min(64, int(64 * widths[0]))]
+    for i, n in enumerate(layers):
+        channels += [int(512 * widths[3]) if i == 3 else int(64 * 2 ** i * widths[i])] * n
+    return 2 * sum(channels)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(REPOPT_PRINTED))
+def test_repopt_vgg_params_are_tables_1_and_2(arch):
+    """Deployed params are the exact architecture count and truncate to Table 1; training-form params of RepVGG and
+    of the RepOpt target truncate to Table 2's "train" column (131.056 M prints as 131.0)."""
+    deployed, repvgg_train, repopt_train = REPOPT_PRINTED[arch]
+    target = build_classifier(arch, "repopt")
+    bn = bn_params(ARCHS[arch].kwargs["layers"], ARCHS[arch].kwargs["widths"])
+    assert n_params(target) == EXPECTED[arch] - bn // 2 + bn  # each conv's bias becomes its BN's weight and bias
+    assert truncated_millions(n_params(target), 1) == repopt_train
+    assert truncated_millions(n_params(build_classifier(arch, "repvgg")), 1) == repvgg_train
+    deployed_model = deploy(target)
+    assert n_params(deployed_model) == EXPECTED[arch] and truncated_millions(EXPECTED[arch], 1) == deployed
 
 
 def n_params(model):
