@@ -28,7 +28,11 @@ from backbones import build_classifier, deploy
 from .probes import CostSetting, Load, compare_costs, device_name, start_clean_fork_server
 
 METHODS = {"none": ("none", None), "dbb": ("dbb", None), "orepa": ("orepa", None),
-           "orepa offline_bn": ("orepa", "offline_bn")}
+           "orepa offline_bn": ("orepa", "offline_bn"),
+           # RepOptimizers (a RepVGG-layout arch, e.g. --arch repoptvgg_b1): the RepOpt target steps with its
+           # RepOptimizer, "none" (the same conv+BN net with plain SGD) is the baseline
+           "repvgg": ("repvgg", None), "repopt": ("repopt", None)}
+DEFAULT_METHODS = ["none", "dbb", "orepa", "orepa offline_bn"]
 REGIMES = {"paper": (64, 224), "small": (16, 128)}
 
 
@@ -66,13 +70,20 @@ def orepa_extra_memory_over_dbb(cell: dict) -> float | None:
     return ((cell["orepa"]["memory_gib"] or 0) - base) / dbb_extra if dbb_extra > 0 else None
 
 
+def repopt_speedup_over_repvgg(cell: dict) -> float | None:
+    """RepVGG's step time over the RepOpt target's (RepOptimizers Table 2: 380 / 213 samples/s = 1.78x at BS 32)."""
+    if "repvgg" not in cell or "repopt" not in cell or not cell["repopt"]["time_s"] or not cell["repvgg"]["time_s"]:
+        return None
+    return cell["repvgg"]["time_s"] / cell["repopt"]["time_s"]
+
+
 def main(argv=None) -> int:
     start_clean_fork_server()  # first, while this process is fresh: memory children then use all threads
     parser = argparse.ArgumentParser(prog="python -m runners.cost_benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--cell", action="append", metavar="BATCHxRES",
                         help="e.g. 16x128; repeat to sweep (default: the paper and the small regime)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
                         help="which methods (plain 'none' is always the baseline)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
@@ -105,10 +116,16 @@ def main(argv=None) -> int:
                           "" if m["memory_x"] is None else f"{m['memory_x']:.2f}")
         console.print(table)
         extra = orepa_extra_memory_over_dbb(cell)
-        console.print(f"OREPA's extra memory / DBB's extra memory: {'n/a' if extra is None else f'{extra:.2f}'}")
+        if extra is not None:
+            console.print(f"OREPA's extra memory / DBB's extra memory: {extra:.2f}")
+        speedup = repopt_speedup_over_repvgg(cell)
+        if speedup is not None:
+            console.print(f"RepOpt's speed-up over RepVGG (step time ratio): {speedup:.2f}x; RepOpt / plain target: "
+                          f"{cell['repopt']['time_x']:.3f}x")
         console.print(("[yellow]warning: the machine was busy: " if load.busy else "machine: ") + load.describe())
         results.append({"arch": args.arch, "batch": batch, "resolution": resolution, "device": device_name(device),
                         "threads": torch.get_num_threads(), "cell": cell, "orepa_extra_memory_over_dbb": extra,
+                        "repopt_speedup_over_repvgg": speedup,
                         "load": {"before": load.load_before, "after": load.load_after,
                                  "other_cpu_share": load.other_share, "busy": load.busy}})
     if args.json:

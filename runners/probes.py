@@ -83,12 +83,16 @@ def synchronize(device: str) -> None:
 
 
 def make_train_step(model: nn.Module, batch: int, resolution: int, num_classes: int, device: str, lr: float = 0.01):
-    """A closure doing one forward + backward + SGD (momentum) step on a fixed random batch."""
+    """A closure doing one forward + backward + SGD (momentum) step on a fixed random batch. A RepOpt target
+    (RepOptimizers) steps with its RepOptimizer: the Grad Mults are part of its training cost."""
+    from backbones.repopt import build_repoptimizer, target_blocks
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, resolution, resolution, generator=generator).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    settings = dict(lr=lr, momentum=0.9, weight_decay=1e-4)
+    optimizer = (build_repoptimizer("sgd", model, **settings) if target_blocks(model)
+                 else torch.optim.SGD(model.parameters(), **settings))
 
     def step():
         optimizer.zero_grad(set_to_none=True)

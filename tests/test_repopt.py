@@ -306,3 +306,51 @@ def test_mmengine_builds_the_repoptimizer_from_a_config(kind):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="clipping"):
         build_optim_wrapper(model, dict(cfg, clip_grad=dict(max_norm=5.0)))
+
+
+def test_cost_probes_step_a_repopt_target_with_its_repoptimizer():
+    """The training-cost probes time what RepOpt really runs: a target's step includes the Grad Mults."""
+    import copy
+
+    from backbones import build_classifier
+    from runners.probes import make_train_step
+
+    torch.manual_seed(0)
+    model = build_classifier("repvgg_a0", "repopt", num_classes=4)
+    reinitialize(model, scales_of(randomize_scales(build_classifier("repvgg_a0", "hs", num_classes=4))))
+    twins = {kind: copy.deepcopy(model) for kind in ("repopt", "sgd")}
+    make_train_step(model, 2, 32, 4, "cpu")()
+    generator = torch.Generator().manual_seed(0)  # the probe's fixed batch
+    x, y = torch.randn(2, 3, 32, 32, generator=generator), torch.randint(0, 4, (2,), generator=generator)
+    settings = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
+    for kind, twin in twins.items():
+        opt = build_repoptimizer("sgd", twin, **settings) if kind == "repopt" else torch.optim.SGD(
+            twin.parameters(), **settings)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(twin(x), y).backward()
+        opt.step()
+    same = {kind: all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+            for kind, twin in twins.items()}
+    assert same == {"repopt": True, "sgd": False}
+
+
+def randomize_scales(model):
+    with torch.no_grad():
+        for name, buffer in [*model.named_parameters(), *model.named_buffers()]:
+            if name.rsplit(".", 1)[-1].startswith("scale_"):
+                buffer.uniform_(0.2, 1.5)
+    return model
+
+
+def test_cost_benchmark_compares_repopt_with_repvgg_and_the_plain_target(tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "cost.json"
+    done = subprocess.run([sys.executable, "-m", "runners.cost_benchmark", "--arch", "repvgg_a0", "--methods",
+                           "repvgg", "repopt", "--cell", "2x32", "--warmup", "1", "--steps", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    [cell] = json.loads(out.read_text())
+    assert set(cell["cell"]) == {"none", "repvgg", "repopt"} and cell["repopt_speedup_over_repvgg"] > 0
+    assert "speed-up over RepVGG" in done.stdout
