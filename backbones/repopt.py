@@ -139,6 +139,19 @@ def scales_of(model: nn.Module) -> list[BlockScales]:
             for b in csla_blocks(model)]
 
 
+ABLATIONS = ("ones", "channel_mean")
+
+
+def ablated_scales(scales: list[BlockScales], how: str) -> list[BlockScales]:
+    """Table 4's other sources of constants: ``ones`` (every scale 1) or ``channel_mean`` (each layer's scales
+    averaged over its channels). The third, "same as HS initialization", is ``scales_of`` a freshly built HS model."""
+    if how not in ABLATIONS:
+        raise ValueError(f"unknown ablation {how!r}; expected one of {ABLATIONS}")
+    change = torch.ones_like if how == "ones" else (lambda t: torch.full_like(t, float(t.mean())))
+    return [BlockScales(change(s.conv), change(s.one), None if s.identity is None else change(s.identity))
+            for s in scales]
+
+
 @torch.no_grad()
 def reinitialize(model: nn.Module, scales: list[BlockScales], identity: str = "searched",
                  generator: torch.Generator | None = None) -> None:

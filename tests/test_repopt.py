@@ -354,3 +354,20 @@ def test_cost_benchmark_compares_repopt_with_repvgg_and_the_plain_target(tmp_pat
     [cell] = json.loads(out.read_text())
     assert set(cell["cell"]) == {"none", "repvgg", "repopt"} and cell["repopt_speedup_over_repvgg"] > 0
     assert "speed-up over RepVGG" in done.stdout
+
+
+def test_table4_constants():
+    """All ones; each layer's channel mean; the HS initialisation (a fresh HS model's scales, by depth)."""
+    from backbones import build_classifier
+    from backbones.repopt import ablated_scales
+    searched = scales_of(randomize_scales(build_classifier("repvgg_a0", "hs", num_classes=4)))
+    ones = ablated_scales(searched, "ones")
+    means = ablated_scales(searched, "channel_mean")
+    for s, o, m in zip(searched, ones, means):
+        assert torch.all(o.conv == 1) and torch.all(o.one == 1) and (o.identity is None) == (s.identity is None)
+        assert torch.allclose(m.conv, s.conv.mean().expand_as(s.conv)) and len(set(m.one.tolist())) == 1
+    initial = scales_of(build_classifier("repvgg_a0", "hs", num_classes=4))
+    stage3 = [float(s.conv[0]) for s in initial[7:21]]  # the 14 layers of A0's third stage, code init
+    assert stage3[:3] == [1.0, pytest.approx(math.sqrt(2)), 1.0] and stage3[-1] == pytest.approx(math.sqrt(2 / 13))
+    with pytest.raises(ValueError, match="ablation"):
+        ablated_scales(searched, "twos")
