@@ -258,6 +258,21 @@ def checked_mults(grad_mults: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
     return grad_mults
 
 
+def _mult_of(grad_mults: dict[Tensor, Tensor], p: Tensor) -> Tensor | None:
+    """``p``'s Grad Mult on ``p``'s device and dtype (moved once, on first use), or None."""
+    mult = grad_mults.get(p)
+    if mult is not None and (mult.device != p.device or mult.dtype != p.dtype):
+        mult = grad_mults[p] = mult.to(p)
+    return mult
+
+
+def _evaluate(closure) -> Tensor | None:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class RepOptimizerSGD(torch.optim.SGD):
     """SGD (momentum, Nesterov, L2 weight decay as torch's SGD) whose gradients are multiplied by the Grad Mults
     (power 2) before the update; the weight decay term is not multiplied (it is linear in the equivalent kernel)."""
@@ -270,15 +285,10 @@ class RepOptimizerSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for p, mult in list(self.grad_mults.items()):
+        loss = _evaluate(closure)
+        for p in list(self.grad_mults):
             if p.grad is not None:
-                if mult.device != p.grad.device or mult.dtype != p.grad.dtype:  # once, on the first step
-                    mult = self.grad_mults[p] = mult.to(p.grad)
-                p.grad.mul_(mult)
+                p.grad.mul_(_mult_of(self.grad_mults, p))
         super().step()
         return loss
 
@@ -301,18 +311,13 @@ class RepOptimizerAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                mult = self.grad_mults.get(p)
-                if mult is not None and (mult.device != p.device or mult.dtype != p.dtype):  # once
-                    mult = self.grad_mults[p] = mult.to(p)
+                mult = _mult_of(self.grad_mults, p)
                 grad = p.grad if mult is None else p.grad * mult
                 state = self.state[p]
                 if not state:
