@@ -345,6 +345,9 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm, postgres_server, tmp_pa
         wait_until(lambda: store.attempts_frame().status.iloc[-1] == "preempted", 120,
                    what=f"attempt {attempt} preempted", explain=lambda: f"{store.attempts_frame()}\n" + "".join(
                        p.read_text()[-3000:] for p in sorted((tmp_path / "slurm").rglob("*_log.*"))))
+        # the checkpoint written on the signal: the next attempt must write a newer one (be training, its signal
+        # handlers in place) before it is signalled in turn
+        seen = newest_checkpoint()
         release_requeued(job_id)
     wait_until(lambda: store.runs([job.run_id])[job.run_id].status == "finished", 600, what="the run to finish")
     attempts = store.attempts_frame()
