@@ -134,7 +134,7 @@ def first_line(text) -> str:
 class _Row:
     """What the report knows of one row at one scale: its current runs' metrics and their status."""
 
-    def __init__(self, row, runs: pd.DataFrame, metrics: pd.DataFrame, envs: dict):
+    def __init__(self, row, runs: pd.DataFrame, metrics: pd.DataFrame, envs: dict, lineage: dict | None = None):
         current, self.old = current_runs(runs)
         self.row, self.runs = row, current
         self.status = ", ".join(sorted(set(current.status))) or "not run"
@@ -144,6 +144,7 @@ class _Row:
         self.metrics = metrics[metrics.run_id.isin(done_ids)] if len(metrics) else metrics
         self.seeds = len(done_ids)
         self.commits = sorted({(envs.get(i) or "unknown")[:12] for i in done_ids})
+        self.inputs = sorted({(lineage or {})[i] for i in done_ids if i in (lineage or {})})
 
     def values(self, name: str) -> pd.DataFrame:
         return self.metrics[self.metrics.name == name] if len(self.metrics) else self.metrics
@@ -171,7 +172,7 @@ class _Row:
         threads = sorted({int(t) for t in self.metrics.threads.dropna()}) if len(self.metrics) else []
         return {"row": self.row.name, "status": self.status, "error": self.error, "seeds": self.seeds,
                 "device": "; ".join(devices) or "–", "threads": ", ".join(map(str, threads)) or "–",
-                "commit": ", ".join(self.commits) or "–"}
+                "commit": ", ".join(self.commits) or "–", "inputs": "; ".join(self.inputs) or "–"}
 
 
 def _paper_ratio(table: Table, row, name: str) -> float | None:
@@ -320,8 +321,26 @@ def judge_claim(claim: Claim, table: Table, rows: dict[str, _Row], at_paper_regi
     return {"text": claim.text, "source": claim.source, "expected": claim.expected(), "results": results}
 
 
+def lineage(store, table_key: str) -> dict[int, str]:
+    """Run id -> where its inputs came from: a RepOpt row's scales file, named by the Hyper-Search run that wrote it
+    (matched by sha256 over every table's recorded files)."""
+    used = store.artifacts_frame(table_name=table_key)
+    used = used[used.kind == "input_scales"]
+    if used.empty:
+        return {}
+    written = store.artifacts_frame()
+    written = written[written.kind == "scales"]
+    out = {}
+    for u in used.itertuples():
+        source = written[written.sha256 == u.sha256]
+        who = (f"{source.table_name.iloc[0]} / {source.row_name.iloc[0]} seed {source.seed.iloc[0]} (run "
+               f"{source.run_id.iloc[0]})" if len(source) else "a file no recorded run wrote")
+        out[int(u.run_id)] = f"scales from {who}, sha256 {u.sha256[:12]}"
+    return out
+
+
 def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.DataFrame,
-                  envs: pd.DataFrame | None = None) -> Section:
+                  envs: pd.DataFrame | None = None, inputs: dict[int, str] | None = None) -> Section:
     recipe = table.recipes[scale]
     at_paper_regime = table.paper_regime is not None and \
         (recipe.cost_batch, recipe.cost_resolution) == table.paper_regime
@@ -330,7 +349,7 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
         (f"; the paper's regime is {table.paper_regime[0]} x {table.paper_regime[1]}x{table.paper_regime[1]}, "
          "so cost is not judged here" if table.paper_regime else "")
     commits = {} if envs is None or envs.empty else dict(zip(envs.run_id, envs.git_commit))
-    rows = {row.name: _Row(row, runs[(runs.row_name == row.name) & (runs.scale == scale)], metrics, commits)
+    rows = {row.name: _Row(row, runs[(runs.row_name == row.name) & (runs.scale == scale)], metrics, commits, inputs)
             for row in table.rows}
     superseded, busy = [], []
     for r in rows.values():
@@ -375,7 +394,7 @@ def build_table_report(table: Table, store) -> dict:
     if runs.empty:
         return report
     for scale in [s for s in table.scales if s in set(runs.scale)]:
-        report["sections"].append(build_section(table, scale, runs, metrics, envs))
+        report["sections"].append(build_section(table, scale, runs, metrics, envs, lineage(store, table.key)))
     report["runs"] = runs[["id", "run_key", "row_name", "scale", "seed", "status", "attempt", "executor",
                            "diverged_step", "error"]].to_dict("records")
     for run in report["runs"]:

@@ -140,7 +140,9 @@ class Environment(Base):
     run: Mapped[Run] = relationship(back_populates="environment")
 
 
-ARTIFACT_KINDS = ("checkpoint", "log", "weights_train", "weights_deploy")
+# scales: a Hyper-Search run's scales file; input_scales: the file a RepOpt target run consumed (its lineage: the
+# path and sha256 of another run's artifact)
+ARTIFACT_KINDS = ("checkpoint", "log", "weights_train", "weights_deploy", "scales", "input_scales")
 
 
 class Artifact(Base):

@@ -418,7 +418,8 @@ class Store:
 
     def log_artifact(self, run_id: int, kind: str, path: str, size_bytes: int, sha256: str,
                      epoch: int | None = None, owner: str | None = None) -> None:
-        """Record (or update) a file the run left: checkpoint, log, weights_train or weights_deploy."""
+        """Record (or update) a file the run left (checkpoint, log, weights_train, weights_deploy, scales) or consumed
+        (input_scales)."""
         if kind not in ARTIFACT_KINDS:
             raise ValueError(f"unknown artifact kind {kind!r}; known: {ARTIFACT_KINDS}")
         with self.session() as s:

@@ -3,6 +3,10 @@
 * ``synthetic`` (smoke): a tiny ImageFolder of random PNGs, generated under the data root.
 * ``digits`` (mini): scikit-learn's bundled 1,797 real 8x8 digit scans, written once as an ImageFolder (PNG) under
   the data root, split 80/20 by a fixed permutation, resized at load time.
+* ``synthetic_cifar`` (smoke) / ``digits_cifar`` (mini): the same images written as CIFAR-100 python pickles
+  (``train`` / ``test`` with ``data`` and ``fine_labels``) and read by the CIFAR reader, for tables whose paper data is
+  CIFAR (RepOptimizers' Hyper-Search): the real format at a size this machine trains. No flip or crop (digits are not
+  mirror-symmetric; mini's digits recipe augments nothing).
 * ``imagenet``: ``<root>/imagenet/{train,val}/<class>/*`` (ImageFolder). ``cifar10`` / ``cifar100``: the python
   pickle batches in ``<root>/cifar-10-batches-py`` / ``<root>/cifar-100-python``. These are never downloaded: if
   missing, :class:`DatasetMissing` says where they were expected.
@@ -19,7 +23,9 @@ from PIL import Image
 
 EXTERNAL = {"imagenet": "imagenet", "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar10": 50_000, "cifar100": 50_000}  # for plans' device-hour estimates
-NUM_CLASSES = {"synthetic": 4, "digits": 10, "imagenet": 1000, "cifar10": 10, "cifar100": 100}
+NUM_CLASSES = {"synthetic": 4, "digits": 10, "synthetic_cifar": 4, "digits_cifar": 10, "imagenet": 1000,
+               "cifar10": 10, "cifar100": 100}
+GENERATED_CIFAR = {"synthetic_cifar": "synthetic", "digits_cifar": "digits"}  # CIFAR-format copy -> its source
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -76,6 +82,32 @@ def ensure_synthetic(root: Path) -> Path:
     return path
 
 
+def ensure_cifar_copy(name: str, root: Path) -> Path:
+    """``root/<name>``: the generated ImageFolder ``GENERATED_CIFAR[name]`` rewritten as CIFAR-100 pickles (32x32 RGB
+    rows, R then G then B planes; its own train/val split kept), atomically like the PNGs."""
+    import pickle
+    path = root / name
+    if path.is_dir():
+        return path
+    source = ensure_synthetic(root) if GENERATED_CIFAR[name] == "synthetic" else ensure_digits(root)
+    tmp = root / f"{name}.tmp{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for split, file in (("train", "train"), ("val", "test")):
+        files = sorted((source / split).glob("*/*.png"))
+        data = np.stack([np.asarray(Image.open(f).convert("RGB").resize((32, 32), Image.BILINEAR))
+                         .transpose(2, 0, 1).reshape(-1) for f in files])
+        labels = [int(f.parent.name) for f in files]
+        with open(tmp / file, "wb") as handle:
+            pickle.dump({"data": data, "fine_labels": labels, "filenames": [f.name for f in files]}, handle)
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not path.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def ensure_digits(root: Path) -> Path:
     path = root / "digits"
     if not path.is_dir():
@@ -106,6 +138,10 @@ def build_datasets(name: str, root: Path, resolution: int, eval_crop: float = 0.
         val_tf = transforms.Compose([transforms.Resize(resolution), transforms.ToTensor(), normalize])
         base = root / EXTERNAL[name]
         return CifarPickles(base, name, True, train_tf), CifarPickles(base, name, False, val_tf)
+    if name in GENERATED_CIFAR:
+        tf = transforms.Compose([transforms.Resize(resolution), transforms.ToTensor(), normalize])
+        base = ensure_cifar_copy(name, root)
+        return CifarPickles(base, "cifar100", True, tf), CifarPickles(base, "cifar100", False, tf)
     path = ensure_synthetic(root) if name == "synthetic" else ensure_digits(root)
     tf = transforms.Compose([transforms.Resize(resolution), transforms.ToTensor(), normalize])
     return datasets.ImageFolder(path / "train", tf), datasets.ImageFolder(path / "val", tf)

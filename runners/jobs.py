@@ -108,13 +108,27 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
     recipe = table.recipes[scale].following(follow)
     batches = batch_plan(recipe, devices)
     rows = [table.row(name) for name in only] if only else list(table.rows)
-    costs = {"train_memory", "time_per_batch"} & set(table.metrics)
+    costs = {"train_memory", "time_per_batch", "train_speed"} & set(table.metrics)
 
     def model_of(row) -> dict:
         return {"arch": row.arch, "rep": row.rep, "variant": resolve_variant(row.rep, row.variant).as_dict()}
 
     jobs = []
     for row in rows:
+        if (row.rep == "repopt") != (row.scales is not None):
+            raise ValueError(f"{table.key} / {row.name}: rep 'repopt' rows, and only they, say where their scales "
+                             "come from (Row.scales)")
+        scales = None
+        if row.scales is not None:
+            scales = row.scales.as_dict()
+            if row.scales.upstream:  # the Hyper-Search run goes first (planned once however many rows use it)
+                import suites
+                source = suites.get_table(row.scales.table)
+                upstream = plan(source, scale, 1, [row.scales.row], data_root, db_url, executor, devices, follow,
+                                artifacts_root, False, since_ms)[0]  # --force re-runs the rows, not their source
+                scales["run_key"] = upstream.spec.run_key
+                if all(job.spec.run_key != upstream.spec.run_key for job in jobs):
+                    jobs.append(upstream)
         # the group's baseline model is re-measured in every row's run, interleaved with the row's own (its ratios)
         baseline = table.baseline_of(row) if costs else None
         for seed in range(seeds):
@@ -123,6 +137,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                 "baseline": {"row": baseline, **model_of(table.row(baseline))} if baseline else None,
                 "num_classes": NUM_CLASSES[recipe.dataset], "recipe": recipe.as_dict(), **batches,
                 "metrics": list(table.metrics), "code": code_fingerprint(),
+                **({"scales": scales} if scales else {}),
             }
             chash = config_hash({k: v for k, v in config.items() if k != "seed"})  # the seeds of one config share it
             spec = RunSpec(run_key(table.key, row.name, scale, seed, chash), table.key, row.name, scale, seed, chash,
@@ -265,6 +280,8 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
             if trains:
                 if model is None:  # the other ranks build it with the same seed (DDP broadcasts rank 0's anyway)
                     model = _seeded_build(c["seed"], c["arch"], c["rep"], c["num_classes"], c["variant"])
+                if c.get("scales"):
+                    _apply_scales(store, claim, job, model, dist)
                 outcome = _train(store, claim, job, model, recipe, device, dist)
             if dist.is_main:
                 run_status = "scheduled" if outcome.status == "preempted" else outcome.status
@@ -321,6 +338,63 @@ def _seeded_build(seed: int, arch: str, rep: str, num_classes: int, variant):
     return build_classifier(arch, rep, num_classes, variant)
 
 
+def _upstream_scales(store: Store, job: Job, run_key: str, poll_s: float = 10.0) -> tuple[Path, int, str]:
+    """The scales file of the finished Hyper-Search run ``run_key`` (path, size, sha256, verified). While another
+    worker runs it (a Slurm array runs rows side by side) this waits; a failed or diverged source fails the row."""
+    said = False
+    while True:
+        run = store.get_run(run_key)
+        if run is None:
+            raise RuntimeError(f"its scales source run {run_key[:12]} is not in the database (run_suite plans it with "
+                               "the row: run the row's table again)")
+        if run.status == "finished":
+            files = store.artifacts_frame(run.id)
+            files = files[files.kind == "scales"]
+            if files.empty:
+                raise RuntimeError(f"its scales source, run {run.id} ({run.row_name}), recorded no scales file")
+            path, size, sha = Path(files.path.iloc[-1]), int(files.size_bytes.iloc[-1]), files.sha256.iloc[-1]
+            if _sha256(path) != sha:
+                raise RuntimeError(f"the scales file {path} of run {run.id} ({run.row_name}) is missing or changed "
+                                   f"since it was recorded (sha256 {sha[:12]})")
+            return path, size, sha
+        if run.status in ("failed", "diverged"):
+            raise RuntimeError(f"its scales source, run {run.id} ({run.row_name}), {run.status}: no scales to use")
+        if not said:
+            print(f"repbench worker: {job.label}: waiting for its scales source, run {run.id} ({run.row_name}, "
+                  f"{run.status})", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(poll_s)
+
+
+def _apply_scales(store: Store, claim, job: Job, model, dist) -> None:
+    """A RepOpt target's constants and initial kernels, as the row's Scales say (suites.Scales): searched scales (or
+    their channel means) from the Hyper-Search run's file, recorded as this run's ``input_scales`` artifact (the
+    lineage); all ones; or the HS model's initial scales. Then the Rule of Initialization (``reinit``; seeded by the
+    run's seed) or the constants alone. Every rank does the same (the file is on the shared artifacts root)."""
+    import torch
+
+    from backbones import build_classifier
+    from backbones.repopt import ablated_scales, load_scales, reinitialize, scales_of, set_constants, target_blocks
+
+    c, s = job.config, job.config["scales"]
+    if s.get("run_key"):
+        path, size, sha = _upstream_scales(store, job, s["run_key"])
+        scales = load_scales(path)
+        if dist.is_main:
+            store.log_artifact(claim.run_id, "input_scales", str(path), size, sha, None, owner=claim.owner)
+        if s["how"] == "channel_mean":
+            scales = ablated_scales(scales, "channel_mean")
+    elif s["how"] == "hs_init":
+        scales = scales_of(build_classifier(c["arch"], "hs", c["num_classes"]))
+    else:
+        scales = ablated_scales(scales_of(build_classifier(c["arch"], "hs", c["num_classes"])), "ones")
+    if s["reinit"]:
+        reinitialize(model, scales, s["identity"], torch.Generator().manual_seed(c["seed"]))
+    else:
+        for block, block_scales in zip(target_blocks(model), scales, strict=True):
+            set_constants(block, block_scales)
+
+
 def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_initial: bool = False):
     """The cost probes (runners/probes.py, compare_costs) on rank 0, before training: the row's model and its group's
     baseline model in this one process, interleaved, with the row's ratios to the baseline; the machine's load while
@@ -342,6 +416,8 @@ def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_init
         b = c["baseline"]
         factories[baseline] = functools.partial(build, b["arch"], b["rep"], variant=b["variant"])
     wanted = tuple(p for p in ("train_memory", "time_per_batch") if p in c["metrics"]) + ("params_macs", "inference")
+    if "train_speed" in c["metrics"]:  # derived from the timed steps
+        wanted += ("time_per_batch", "train_speed")
     setting = probes.CostSetting(recipe.cost_batch, recipe.cost_resolution, c["num_classes"], device,
                                  recipe.cost_warmup, recipe.cost_steps, recipe.memory_cap_gb, recipe.latency_batch,
                                  recipe.throughput_batch)
@@ -374,6 +450,7 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> O
     import torch
 
     from backbones import deploy, save_checkpoint
+    from backbones.repopt import csla_blocks, save_scales, scales_of
     from . import probes
     from .train import Diverged, Preempted, checkpoints_in, sha256_of, train_classifier
 
@@ -420,7 +497,8 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> O
 
     try:
         result = train_classifier(model, recipe, Path(job.data_root), c["seed"], device, dist, c["grad_accum"],
-                                  run_dir, log, on_epoch if dist.is_main else None, on_checkpoint)
+                                  run_dir, log, on_epoch if dist.is_main else None, on_checkpoint,
+                                  repoptimizer=bool(c.get("scales") and c["scales"]["grad_mult"]))
     except Diverged as e:
         if dist.is_main:
             log(f"diverged: {e}")
@@ -439,6 +517,11 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> O
         raise
     if not dist.is_main:
         return Outcome("finished")
+    if csla_blocks(model):  # a Hyper-Search model: its trained scales are what RepOpt rows consume
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = save_scales(scales_of(model), run_dir / "scales.pth")
+        store.log_artifact(run_id, "scales", str(path), path.stat().st_size, sha256_of(path), recipe.epochs,
+                           owner=owner)
     for record in result.epochs:  # epochs trained before a resume: their metrics were cleared with the retry
         on_epoch(record)
     if recipe.checkpoints:

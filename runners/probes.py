@@ -659,7 +659,16 @@ class CostSetting:
 
 
 RATIOS = {"train_memory": "train_memory_ratio", "time_per_batch": "time_per_batch_ratio",
-          "latency": "latency_ratio", "throughput": "throughput_ratio"}
+          "latency": "latency_ratio", "throughput": "throughput_ratio", "train_speed": "train_speed_ratio"}
+RATES = ("throughput", "train_speed")  # higher is better: their ratio is the baseline's time / the row's
+
+
+def train_speed(timed: Measurement) -> Measurement:
+    """Images per second of training (RepOptimizers Table 2's "train speed"): the timed steps' batch / their median
+    time, from the same interleaved steps as ``time_per_batch`` (``samples`` stay per-step times, for ratios)."""
+    return Measurement("train_speed", None if not timed.value else timed.batch / timed.value, "samples/s",
+                       f"batch {timed.batch} / median step time; {timed.method}", oom=timed.oom, batch=timed.batch,
+                       resolution=timed.resolution, threads=timed.threads, samples=timed.samples)
 
 
 def _ratio_one(m: Measurement, baseline: str) -> Measurement:
@@ -712,6 +721,8 @@ def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, sett
             out[name].append(timed.get(name) or Measurement(
                 "time_per_batch", None, "s", f"not timed: {memory[name].method.split(';')[0]}", oom=True,
                 batch=s.batch, resolution=s.resolution))
+            if "train_speed" in probes:
+                out[name].append(train_speed(out[name][-1]))
     inference: dict[str, list[Measurement]] = {}
     if "params_macs" in probes or "inference" in probes:
         for name, model in models.items():
@@ -740,7 +751,7 @@ def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, sett
                                                  resolution=m.resolution, threads=m.threads))
                 else:
                     out[name].append(paired_ratio(RATIOS[m.name], m, base[m.name], baseline,
-                                                  invert=m.name == "throughput"))
+                                                  invert=m.name in RATES))
     return out, load
 
 

@@ -27,6 +27,8 @@ METRICS = {m.name: m for m in (
     MetricSpec("train_memory", "GB", "Train memory", "cost", False),
     MetricSpec("time_per_batch", "s", "Time/batch", "cost", False),
     MetricSpec("time_per_50_steps", "min", "Time (min/50 steps)", "cost", False),
+    # images per second of a training step at the cost batch: cost_batch / time_per_batch of the same probe
+    MetricSpec("train_speed", "samples/s", "Train speed", "cost", True),
 )}
 
 
@@ -92,6 +94,40 @@ class Claim:
         return f"{span} (±{100 * self.tolerance:.0f}% accepted)"
 
 
+SCALE_SOURCES = ("searched", "channel_mean", "ones", "hs_init")
+
+
+@dataclass(frozen=True)
+class Scales:
+    """Where a RepOpt row's constants come from, and which of the RepOptimizer's two rules it applies (RepOptimizers
+    Table 4). ``how``: ``searched`` (the scales a Hyper-Search run learned: ``table`` / ``row``, its seed 0 at the same
+    scale, planned and run first; the target run records the file it used, with its sha256), ``channel_mean`` (those
+    scales averaged over each layer's channels), ``ones`` (every scale 1) or ``hs_init`` (the HS model's initial
+    scales). ``identity``: the Rule of Initialization's identity term, ``searched`` (official code) or ``one``
+    (Eq. 4)."""
+
+    table: str | None = None
+    row: str | None = None
+    how: str = "searched"
+    reinit: bool = True       # Rule of Initialization (Eq. 4)
+    grad_mult: bool = True    # Rule of Iteration (Eq. 3): the RepOptimizer; False: the recipe's plain optimizer
+    identity: str = "searched"
+
+    def __post_init__(self):
+        if self.how not in SCALE_SOURCES:
+            raise ValueError(f"unknown scales source {self.how!r}; expected one of {SCALE_SOURCES}")
+        if (self.how in ("searched", "channel_mean")) != bool(self.table and self.row):
+            raise ValueError(f"scales {self.how!r} {'need' if self.how in ('searched', 'channel_mean') else 'take no'}"
+                             " Hyper-Search table and row")
+
+    @property
+    def upstream(self) -> tuple[str, str] | None:
+        return (self.table, self.row) if self.table else None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -100,6 +136,7 @@ class Row:
     variant: str | dict | None = None
     group: str = ""
     paper: dict[str, PaperValue] = field(default_factory=dict)
+    scales: Scales | None = None  # rep "repopt": where its constants come from (None: the row's own, e.g. Table 4)
 
 
 @dataclass(frozen=True)
@@ -132,6 +169,8 @@ class Recipe:
     bias_lr_mult_norm: bool = True  # False: mmengine's bias_lr_mult rule, which skips norm layers
     label_smoothing: float = 0.0
     clip_grad: float | None = None  # max global L2 norm of the gradient (None: no clipping)
+    decay_1d: bool = True        # weight decay on 1-D parameters other than biases and BN (OREPA's scaling vectors:
+    #                              decayed; RepOptimizers' code decays no 1-D parameter: False)
     eval_crop: float = 0.875     # ImageNet evaluation: resize to resolution / eval_crop, centre-crop (224 of 256)
     checkpoints: bool = True     # a checkpoint per epoch and on SIGTERM/SIGUSR2 (smoke and cost-only runs: none)
     paper_text: tuple[tuple[str, object], ...] = ()  # overrides that follow the paper's text instead of the code
@@ -169,7 +208,8 @@ class Recipe:
                   else f"{self.warmup_epochs:g} epochs" if self.warmup_epochs else "none")
         return {"follows": self.follows, "warmup": warmup,
                 "bias lr": f"x{self.bias_lr_mult:g}" + (" (BN biases too)" if self.bias_lr_mult_norm else ""),
-                "weight decay": f"{self.weight_decay:g} (not on biases or BN; scaling vectors decayed)",
+                "weight decay": f"{self.weight_decay:g} (not on biases or BN; "
+                                f"{'scaling vectors decayed' if self.decay_1d else 'no 1-D parameter decayed'})",
                 "label smoothing": f"{self.label_smoothing:g}", "nesterov": self.nesterov,
                 "grad clip": f"L2 norm {self.clip_grad:g}" if self.clip_grad else "none",
                 "eval": f"resize {round(self.resolution / self.eval_crop)} + centre crop {self.resolution}"
