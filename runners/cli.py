@@ -185,8 +185,13 @@ def _validated_run(args):
         if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
             raise BadInput(f"--data-root {data_root} does not exist and cannot be created in {ancestor}")
     missing = None
+    needed = [recipe.dataset]  # and the data of the runs the rows consume (RepOpt rows: their Hyper-Search)
+    for row in [table.row(name) for name in args.only] if args.only else table.rows:
+        if row.scales is not None and row.scales.upstream:
+            needed.append(_table(row.scales.table).recipes[args.scale].dataset)
     try:
-        check_dataset(recipe.dataset, data_root)
+        for dataset in dict.fromkeys(needed):
+            check_dataset(dataset, data_root)
     except DatasetMissing as e:
         if not args.dry_run:
             raise BadInput(str(e)) from None

@@ -234,9 +234,9 @@ def test_smoke_table4_end_to_end(tmp_path):
     assert {"index.html", "leaderboard.html"} <= {p.name for p in (tmp_path / "o").iterdir()}
 
 
-@pytest.mark.parametrize("table", [t.key for t in suites.TABLES.values() if "paper" in t.recipes])
+@pytest.mark.parametrize("table", [t.key for t in suites.TABLES.values() if "paper" in t.recipes and t.paper == "orepa"])
 def test_paper_dry_run_shows_the_recipe_without_the_dataset(table, tmp_path, monkeypatch, capsys):
-    """Every declared table's paper-scale plan: devices, per-device and global batch, lr, epochs, warm-up and the
+    """Every OREPA table's paper-scale plan (RepOptimizers': tests/test_repopt_suite.py): devices, per-device and global batch, lr, epochs, warm-up and the
     switches in force, with no ImageNet on disk (a note, not an error) and nothing written."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REPBENCH_DATA", str(tmp_path / "data"))

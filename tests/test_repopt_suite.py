@@ -1,0 +1,148 @@
+"""RepOptimizers through the suite: the RepOptimizer trained by MMEngine's Runner (the path every accuracy run takes)
+equals CSLA trained by plain SGD; Hyper-Search runs write the scales files that RepOpt rows consume, with the lineage
+in the database and in the report; the tables' declarations."""
+
+import sqlite3
+
+import pytest
+import torch
+
+import suites
+from backbones.networks import RepVGG
+from backbones.repopt import BlockScales, csla_blocks, set_constants, target_blocks
+from backbones.variants import resolve_variant
+from conftest import randomize
+from runners.train import optim_wrapper_cfg, train_classifier
+from suites import Recipe, Scales
+
+# The synthetic data's 4 classes; strides leaving a 4x4 last map (a 1x1 map would make BN over two images divide by
+# a near-zero spread, which amplifies float32 rounding past any useful tolerance).
+ARCH = dict(layers=(1, 2, 2, 1), widths=(0.25, 0.25, 0.25, 0.25), num_classes=4, strides=(1, 2, 2, 2, 1))
+# Three optimizer steps of 2 devices x 2 images (one process accumulating two micro-batches): momentum, Nesterov and
+# weight decay all act. Every CSLA parameter outside BN is decayed (decay_1d: the identity scale d too), so that the
+# decay is linear in the equivalent kernel as well.
+RECIPE = Recipe(dataset="synthetic", resolution=32, batch=2, devices=2, epochs=1, max_iters=3, lr=0.02,
+                nesterov=True, weight_decay=1e-3, bias_lr_mult=1.0, checkpoints=False)
+
+
+def _csla_and_its_target():
+    """A CSLA net with randomised constants and BN, and the RepOpt target standing for it: each kernel the CSLA
+    block's equivalent (pre-BN) kernel, its constants the block's, the same BN and head."""
+    torch.manual_seed(0)
+    csla = randomize(RepVGG(config=resolve_variant("csla"), **ARCH))
+    target = RepVGG(config=resolve_variant("repopt"), **ARCH)
+    with torch.no_grad():
+        for c, t in zip(csla_blocks(csla), target_blocks(target), strict=True):
+            t.conv.weight.copy_(c.linear_kernel())
+            t.bn.load_state_dict(c.bn.state_dict())
+            set_constants(t, BlockScales(c.scale_conv, c.scale_1x1, c.scale_identity))
+        target.fc.load_state_dict(csla.fc.state_dict())
+    return csla, target
+
+
+def _logits(model, x):
+    return model.eval()(x).detach()
+
+
+@pytest.mark.parametrize("repoptimizer", [True, False], ids=["repoptimizer", "control:plain-sgd"])
+def test_the_runner_trains_a_repopt_target_as_plain_sgd_trains_its_csla_net(repoptimizer, tmp_path):
+    """Both nets through train_classifier (MMEngine's Runner, paramwise rules, accumulation, the recipe's schedule)
+    on the same data: with the RepOptimizer the target ends where the CSLA net ends (float32: relative error of the
+    logits <= 1e-4); the control, the target under plain SGD, does not (> 1e-3), so the Runner really applies the
+    Grad Mults."""
+    csla, target = _csla_and_its_target()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    before = _logits(csla, x), _logits(target, x)
+    assert ((before[0] - before[1]).abs().max() / before[0].abs().max()) <= 1e-5  # they start as one function
+    train_classifier(csla, RECIPE, tmp_path, seed=0, grad_accum=2)
+    train_classifier(target, RECIPE, tmp_path, seed=0, grad_accum=2, repoptimizer=repoptimizer)
+    a, b = _logits(csla, x), _logits(target, x)
+    moved = ((a - before[0]).abs().max() / a.abs().max()).item()
+    error = ((a - b).abs().max() / a.abs().max()).item()
+    assert moved > 1e-2  # training did change the function
+    assert (error <= 1e-4) if repoptimizer else (error > 1e-3), (error, moved)
+
+
+def test_the_repoptimizer_config_refuses_clipping_and_decays_no_flat_parameter_when_told():
+    recipe = suites.get_table("repopt.table2").recipes["mini"]
+    cfg = optim_wrapper_cfg(recipe, 2, repoptimizer=True)
+    assert cfg["optimizer"]["type"] == "repbench.RepOptimizerSGD"
+    assert cfg["constructor"] == "repbench.RepOptimizerConstructor" and "clip_grad" not in cfg
+    assert cfg["paramwise_cfg"]["flat_decay_mult"] == 0.0 and cfg["accumulative_counts"] == 2
+    assert "flat_decay_mult" not in optim_wrapper_cfg(suites.get_table("table4").recipes["mini"])["paramwise_cfg"]
+    from mmengine.optim import build_optim_wrapper
+    with pytest.raises(ValueError, match="gradient clipping breaks"):
+        build_optim_wrapper(RepVGG(config=resolve_variant("repopt"), **ARCH),
+                            {**cfg, "clip_grad": dict(max_norm=5.0)})
+
+
+def test_repopt_tables_are_declared_as_printed():
+    hs, t2, t4 = (suites.get_table(f"repopt.{n}") for n in ("hs", "table2", "table4"))
+    row = t2.row("RepOpt-VGG-B1")
+    assert row.rep == "repopt" and row.scales == Scales("repopt.hs", "RepOpt-VGG-B1 HS")
+    assert row.paper["top1"].text == "78.47±0.03" and row.paper["train_speed"].text == "380"
+    assert t2.row("RepVGG-L2").paper["top1"].text == "80.52±0.05" and t2.baseline_of(row) == "RepVGG-B1"
+    assert {r.scales.how for r in t4.rows if r.scales} == {"searched", "ones", "hs_init", "channel_mean"}
+    assert [r.paper["top1"].text for r in t4.rows] == ["76.91", "78.47", "77.42", "77.07", "77.59", "77.71", "77.40"]
+    for table in (t2, t4):  # one recipe per table, and never clipping where a RepOptimizer trains
+        assert all(r.clip_grad is None for r in table.recipes.values())
+    assert hs.recipes["paper"].dataset == "cifar100" and hs.recipes["mini"].dataset == "digits_cifar"
+    with pytest.raises(ValueError, match="need"):
+        Scales(how="searched")
+    with pytest.raises(ValueError, match="take no"):
+        Scales("repopt.hs", "RepOpt-VGG-B1 HS", how="ones")
+
+
+def test_generated_cifar_data_is_read_by_the_cifar_reader(tmp_path):
+    from runners.data import build_datasets
+    train, val = build_datasets("synthetic_cifar", tmp_path, 32)
+    assert (tmp_path / "synthetic_cifar" / "train").is_file() and (tmp_path / "synthetic_cifar" / "test").is_file()
+    assert type(train).__name__ == "CifarPickles" and len(train) == 8 and len(val) == 8
+    image, label = train[0]
+    assert image.shape == (3, 32, 32) and 0 <= label < 4
+
+
+def test_a_repopt_row_runs_its_hyper_search_first_and_records_where_its_scales_came_from(tmp_path):
+    """run_suite repopt.table2 --only RepOpt-VGG-B1 at smoke: the Hyper-Search run is planned and run first, writes a
+    scales file; the RepOpt run consumes that very file (same sha256, recorded as its input) and the report names
+    the Hyper-Search run beside the row."""
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli("repopt.table2", "--only", "RepOpt-VGG-B1", "--db", f"sqlite:///{db}", "--data-root",
+                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.index("RepOpt-VGG-B1 HS (seed 0): finished") < done.stdout.index("RepOpt-VGG-B1 (seed 0): fin")
+    with sqlite3.connect(db) as c:
+        runs = dict(c.execute("SELECT row_name, id FROM runs").fetchall())
+        files = {(run, kind): sha for run, kind, sha in c.execute("SELECT run_id, kind, sha256 FROM artifacts")}
+        speed = c.execute("SELECT value FROM metrics WHERE name = 'train_speed_ratio' AND run_id = ?",
+                          (runs["RepOpt-VGG-B1"],)).fetchall()
+    assert set(runs) == {"RepOpt-VGG-B1 HS", "RepOpt-VGG-B1"}
+    assert files[(runs["RepOpt-VGG-B1"], "input_scales")] == files[(runs["RepOpt-VGG-B1 HS"], "scales")]
+    assert len(speed) == 1 and speed[0][0] > 0
+    report = run_cli("report", "repopt.table2", "--db", f"sqlite:///{db}", "--out", str(tmp_path / "out"),
+                     cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "out" / "repopt.table2.md").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("| RepOpt-VGG-B1 | finished | 1 |"))
+    assert f"scales from repopt.hs / RepOpt-VGG-B1 HS seed 0 (run {runs['RepOpt-VGG-B1 HS']})" in line
+
+
+def test_paper_plan_of_table2_runs_each_hyper_search_once_before_its_rows(tmp_path, monkeypatch, capsys):
+    """The paper-scale plan (no data on disk: a note): the official target recipe (8 x 32, lr 0.1, 120 epochs,
+    warm-up 5 epochs, no 1-D parameter decayed, Nesterov), and one Hyper-Search run per size planned with the rows that
+    use it, ahead of them."""
+    from runners.cli import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REPBENCH_DATA", str(tmp_path / "data"))
+    assert main(["repopt.table2", "--scale", "paper", "--dry-run", "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    assert "devices 1 (paper: 8)" in flat and "global batch 256" in flat and "lr 0.1" in flat
+    assert "120 epoch(s)" in flat and "warmup: 5 epochs" in flat and "no 1-D parameter decayed" in flat
+    assert "nesterov: True" in flat and "note: imagenet not found" in flat and "20 of 20 runs to do" in flat
+    lines = [line for line in out.splitlines() if "RepOpt-VGG-" in line]
+    for size in ("B1", "B2", "L1", "L2"):
+        first = [i for i, line in enumerate(lines) if f"RepOpt-VGG-{size} " in line]
+        assert len([i for i in first if "HS" in lines[i]]) == 1 and "HS" in lines[first[0]], size
+    assert not (tmp_path / "results").exists()
