@@ -108,7 +108,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
     recipe = table.recipes[scale].following(follow)
     batches = batch_plan(recipe, devices)
     rows = [table.row(name) for name in only] if only else list(table.rows)
-    costs = {"train_memory", "time_per_batch", "train_speed"} & set(table.metrics)
+    costs = {"train_memory", "time_per_batch", "train_speed", "max_batch_size"} & set(table.metrics)
 
     def model_of(row) -> dict:
         return {"arch": row.arch, "rep": row.rep, "variant": resolve_variant(row.rep, row.variant).as_dict()}
@@ -418,9 +418,12 @@ def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_init
     wanted = tuple(p for p in ("train_memory", "time_per_batch") if p in c["metrics"]) + ("params_macs", "inference")
     if "train_speed" in c["metrics"]:  # derived from the timed steps
         wanted += ("time_per_batch", "train_speed")
+    if "max_batch_size" in c["metrics"]:
+        wanted += ("max_batch_size",)
     setting = probes.CostSetting(recipe.cost_batch, recipe.cost_resolution, c["num_classes"], device,
                                  recipe.cost_warmup, recipe.cost_steps, recipe.memory_cap_gb, recipe.latency_batch,
-                                 recipe.throughput_batch)
+                                 recipe.throughput_batch, max_batch_cap_gb=recipe.max_batch_cap_gb,
+                                 max_batch_high=recipe.max_batch_high)
     initial = {}
 
     def keep(name, model):

@@ -544,24 +544,38 @@ def probe_train_memory(factory: ModelFactory, batch: int, resolution: int, num_c
 
 
 def probe_max_batch_size(factory: ModelFactory, resolution: int, num_classes: int, device: str = "cpu",
-                         cap_gb: float = 16.0, low: int = 1, high: int = 1024) -> Measurement:
-    """Largest batch in [low, high] that trains one step without OOM (CPU: under ``cap_gb``; not comparable with the
-    papers' GPU numbers). Bounded binary search, each try in a capped child."""
+                         cap_gb: float = 16.0, start: int = 1, high: int = 4096) -> Measurement:
+    """The largest batch that trains one step without OOM (RepOptimizers Table 2's "Train MaxBS"; CPU: under
+    ``cap_gb``, not comparable with the papers' GPU numbers), exact, by a bounded search: doubling from ``start``
+    (a batch expected to fit, e.g. the cost batch) until a batch does not fit or ``high`` is reached, then bisection
+    between the last that fit and the first that did not. Each try is one step in a fresh capped child."""
+    tries: list[str] = []
 
     def fits(batch: int) -> bool:
-        m = probe_train_memory(factory, batch, resolution, num_classes, device, 0, cap_gb)
-        return not m.oom
+        ok = not probe_train_memory(factory, batch, resolution, num_classes, device, 0, cap_gb).oom
+        tries.append(f"{batch}{'' if ok else ' OOM'}")
+        return ok
 
-    best = 0
-    while low <= high:
+    best, bad = 0, high + 1
+    batch = max(1, min(start, high))
+    while batch <= high:  # gallop
+        if not fits(batch):
+            bad = batch
+            break
+        best, batch = batch, batch * 2
+    if best == 0:  # even ``start`` did not fit: search below it
+        bad = min(bad, max(1, min(start, high)))
+    low = best + 1
+    high = min(high, bad - 1)
+    while low <= high:  # bisect (best fits, bad does not)
         mid = (low + high) // 2
         if fits(mid):
             best, low = mid, mid + 1
         else:
             high = mid - 1
     where = "CUDA OOM" if device.startswith("cuda") else f"CPU memory budget {cap_gb:g} GiB (not comparable to GPU)"
-    return Measurement("max_batch_size", best or None, "images", f"binary search, one training step, {where}",
-                       resolution=resolution)
+    return Measurement("max_batch_size", best or None, "images", f"largest batch training one step, {where}; "
+                       f"tried {', '.join(tries)}", oom=best == 0, resolution=resolution)
 
 
 # ---- params, MACs, inference -----------------------------------------------------------------------------------------
@@ -656,10 +670,14 @@ class CostSetting:
     latency_batch: int = 1
     throughput_batch: int = 128
     macs_resolution: int = 224
+    max_batch_cap_gb: float | None = None  # the MaxBS search's budget (None: ``cap_gb``) and upper bound
+    max_batch_high: int = 4096
 
 
 RATIOS = {"train_memory": "train_memory_ratio", "time_per_batch": "time_per_batch_ratio",
-          "latency": "latency_ratio", "throughput": "throughput_ratio", "train_speed": "train_speed_ratio"}
+          "latency": "latency_ratio", "throughput": "throughput_ratio", "train_speed": "train_speed_ratio",
+          "max_batch_size": "max_batch_size_ratio"}
+SINGLE = ("train_memory", "max_batch_size")  # one reading per model: a plain quotient, no interquartile interval
 RATES = ("throughput", "train_speed")  # higher is better: their ratio is the baseline's time / the row's
 
 
@@ -673,7 +691,7 @@ def train_speed(timed: Measurement) -> Measurement:
 
 def _ratio_one(m: Measurement, baseline: str) -> Measurement:
     """The baseline's own ratio, 1, with the same keys as a compared row's (memory is one reading: no interval)."""
-    spread = {} if m.name == "train_memory" else {f"{RATIOS[m.name]}_q1": 1.0, f"{RATIOS[m.name]}_q3": 1.0}
+    spread = {} if m.name in SINGLE else {f"{RATIOS[m.name]}_q1": 1.0, f"{RATIOS[m.name]}_q3": 1.0}
     return Measurement(RATIOS[m.name], 1.0, "x", f"the group's baseline ({baseline}): 1 by definition",
                        extra=spread, batch=m.batch, resolution=m.resolution, threads=m.threads)
 
@@ -702,6 +720,11 @@ def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, sett
             memory[name] = probe_train_memory(factory, s.batch, s.resolution, s.num_classes, s.device, s.warmup,
                                               s.cap_gb)
             out[name].append(memory[name])
+    if "max_batch_size" in probes:
+        for name, factory in factories.items():
+            log(f"MaxBS search of {name}")
+            out[name].append(probe_max_batch_size(factory, s.resolution, s.num_classes, s.device,
+                                                  s.max_batch_cap_gb or s.cap_gb, s.batch, s.max_batch_high))
     models = {}
     for name, factory in factories.items():
         models[name] = factory()
@@ -744,11 +767,11 @@ def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, sett
                     continue
                 if name == baseline:
                     out[name].append(_ratio_one(m, baseline))
-                elif m.name == "train_memory":
-                    out[name].append(Measurement("train_memory_ratio", m.value / base[m.name].value, "x",
-                                                 f"peak training memory / that of {baseline}, both measured in "
-                                                 "fresh children one after the other", batch=m.batch,
-                                                 resolution=m.resolution, threads=m.threads))
+                elif m.name in SINGLE:
+                    out[name].append(Measurement(RATIOS[m.name], m.value / base[m.name].value, "x",
+                                                 f"{m.name} / that of {baseline}, both measured in fresh children "
+                                                 "one after the other", batch=m.batch, resolution=m.resolution,
+                                                 threads=m.threads))
                 else:
                     out[name].append(paired_ratio(RATIOS[m.name], m, base[m.name], baseline,
                                                   invert=m.name in RATES))

@@ -29,6 +29,8 @@ METRICS = {m.name: m for m in (
     MetricSpec("time_per_50_steps", "min", "Time (min/50 steps)", "cost", False),
     # images per second of a training step at the cost batch: cost_batch / time_per_batch of the same probe
     MetricSpec("train_speed", "samples/s", "Train speed", "cost", True),
+    # the largest batch that trains a step within the memory budget (RepOptimizers Table 2's "Train MaxBS")
+    MetricSpec("max_batch_size", "images", "Train MaxBS", "cost", True),
 )}
 
 
@@ -180,6 +182,8 @@ class Recipe:
     cost_warmup: int = 1
     cost_steps: int = 2
     memory_cap_gb: float = 16.0   # CPU memory probes run under this cap; beyond it the result is "OOM"
+    max_batch_cap_gb: float | None = None  # the MaxBS search's budget on CPU (None: memory_cap_gb) ...
+    max_batch_high: int = 4096   # ... and its upper bound (smoke: a few tries, plumbing only)
     latency_batch: int = 1
     throughput_batch: int = 128
     train_accuracy: bool = True

@@ -39,9 +39,15 @@ def test_oom_under_the_cap_is_a_result():
     assert m.oom and m.value is None and "OOM at budget 0.5 GiB" in m.method
 
 
-def test_max_batch_size_is_bounded_and_monotone():
-    m = probes.probe_max_batch_size(tiny, 64, 4, cap_gb=0.4, low=1, high=512)
-    assert m.unit == "images" and 1 <= m.value <= 512
+def test_max_batch_size_is_exact_and_bounded():
+    """The search doubles from its start, then bisects to one batch; checked afresh, 10 % below it fits and 10 % above
+    it does not (a margin for the memory readings' own jitter). A bound that fits is the answer."""
+    m = probes.probe_max_batch_size(tiny, 64, 4, cap_gb=0.4, start=4, high=4096)
+    assert m.unit == "images" and 8 < m.value < 4096 and "tried 4, 8" in m.method and " OOM" in m.method
+    assert not probes.probe_train_memory(tiny, int(m.value * 0.9), 64, 4, cap_gb=0.4, warmup=0).oom
+    assert probes.probe_train_memory(tiny, int(m.value * 1.1) + 1, 64, 4, cap_gb=0.4, warmup=0).oom
+    capped = probes.probe_max_batch_size(tiny, 64, 4, cap_gb=0.4, start=2, high=3)
+    assert capped.value == 3 and " OOM" not in capped.method
 
 
 def test_params_and_macs_of_resnet18():
