@@ -102,6 +102,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
          fresh: bool = False, since_ms: int | None = None) -> list[Job]:
     """Jobs for ``table`` (a suites.Table) at ``scale``: every row (or ``only``) x seeds 0..seeds-1, trained by
     ``devices`` processes with the recipe as the official code (``follow="code"``) or the paper's text runs it."""
+    import suites
     from backbones import resolve_variant
     from .data import NUM_CLASSES
 
@@ -118,11 +119,13 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
         if (row.rep == "repopt") != (row.scales is not None):
             raise ValueError(f"{table.key} / {row.name}: rep 'repopt' rows, and only they, say where their scales "
                              "come from (Row.scales)")
+        if row.optimizer is not None and row.optimizer not in suites.OPTIMIZERS:
+            raise ValueError(f"{table.key} / {row.name}: unknown optimizer {row.optimizer!r}; expected one of "
+                             f"{suites.OPTIMIZERS}")
         scales = None
         if row.scales is not None:
             scales = row.scales.as_dict()
             if row.scales.upstream:  # the Hyper-Search run goes first (planned once however many rows use it)
-                import suites
                 source = suites.get_table(row.scales.table)
                 upstream = plan(source, scale, 1, [row.scales.row], data_root, db_url, executor, devices, follow,
                                 artifacts_root, False, since_ms)[0]  # --force re-runs the rows, not their source
@@ -138,6 +141,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                 "num_classes": NUM_CLASSES[recipe.dataset], "recipe": recipe.as_dict(), **batches,
                 "metrics": list(table.metrics), "code": code_fingerprint(),
                 **({"scales": scales} if scales else {}),
+                **({"optimizer": row.optimizer} if row.optimizer else {}),
             }
             chash = config_hash({k: v for k, v in config.items() if k != "seed"})  # the seeds of one config share it
             spec = RunSpec(run_key(table.key, row.name, scale, seed, chash), table.key, row.name, scale, seed, chash,
@@ -501,7 +505,8 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> O
     try:
         result = train_classifier(model, recipe, Path(job.data_root), c["seed"], device, dist, c["grad_accum"],
                                   run_dir, log, on_epoch if dist.is_main else None, on_checkpoint,
-                                  repoptimizer=bool(c.get("scales") and c["scales"]["grad_mult"]))
+                                  repoptimizer=bool(c.get("scales") and c["scales"]["grad_mult"]),
+                                  optimizer=c.get("optimizer"))
     except Diverged as e:
         if dist.is_main:
             log(f"diverged: {e}")

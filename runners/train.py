@@ -366,13 +366,17 @@ def _device_of(runner) -> torch.device:
     return next(_unwrap(runner.model).parameters()).device
 
 
-def optim_wrapper_cfg(recipe, grad_accum: int = 1, repoptimizer: bool = False) -> dict:
+ADAPTIVE = {"rmsprop": "RMSprop", "adam": "Adam", "adamw": "AdamW", "adafactor": "TorchAdafactor"}  # MMEngine's names
+
+
+def optim_wrapper_cfg(recipe, grad_accum: int = 1, repoptimizer: bool = False, optimizer: str | None = None) -> dict:
     """SGD as the recipe says, accumulating ``grad_accum`` micro-batches per step. OREPA's code: every parameter whose
     name contains "bias" gets lr x2 and no decay, BN weights no decay, everything else (scaling vectors included) is
     decayed; mmengine's own ``bias_lr_mult`` would skip the BN biases (``bias_lr_mult_norm=False`` selects it).
     ``recipe.decay_1d=False``: no 1-D parameter decayed (RepOptimizers' code). ``repoptimizer``: the RepOptimizer
     (SGD with the Grad Mults of the model's RepOpt blocks, backbones/repopt.py) through its MMEngine constructor,
-    which refuses gradient clipping."""
+    which refuses gradient clipping. ``optimizer``: a row's adaptive optimizer instead of SGD (suites.OPTIMIZERS:
+    torch's defaults, ``recipe.adaptive_lr``, the recipe's weight decay and paramwise rules)."""
     paramwise = dict(norm_decay_mult=0.0, bias_decay_mult=0.0)
     if not recipe.decay_1d:
         paramwise["flat_decay_mult"] = 0.0
@@ -380,9 +384,16 @@ def optim_wrapper_cfg(recipe, grad_accum: int = 1, repoptimizer: bool = False) -
         paramwise["custom_keys"] = {"bias": dict(lr_mult=recipe.bias_lr_mult, decay_mult=0.0)}
     else:
         paramwise["bias_lr_mult"] = recipe.bias_lr_mult
-    optimizer = dict(type="repbench.RepOptimizerSGD" if repoptimizer else "SGD", lr=recipe.lr,
-                     momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
-    return dict(optimizer=optimizer, accumulative_counts=grad_accum, paramwise_cfg=paramwise,
+    if optimizer not in (None, "sgd", *ADAPTIVE):
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of sgd, {', '.join(ADAPTIVE)}")
+    if optimizer in ADAPTIVE:
+        if repoptimizer:
+            raise ValueError("the RepOptimizer is SGD here; a row names either it or another optimizer")
+        settings = dict(type=ADAPTIVE[optimizer], lr=recipe.adaptive_lr, weight_decay=recipe.weight_decay)
+    else:
+        settings = dict(type="repbench.RepOptimizerSGD" if repoptimizer else "SGD", lr=recipe.lr,
+                        momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
+    return dict(optimizer=settings, accumulative_counts=grad_accum, paramwise_cfg=paramwise,
                 **({"constructor": "repbench.RepOptimizerConstructor"} if repoptimizer else {}),
                 **({"clip_grad": dict(max_norm=recipe.clip_grad)} if recipe.clip_grad else {}))
 
@@ -392,7 +403,8 @@ def optim_wrapper_cfg(recipe, grad_accum: int = 1, repoptimizer: bool = False) -
 def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, device: str = "cpu",
                      dist: DistEnv | None = None, grad_accum: int = 1, run_dir: Path | None = None,
                      log: Callable[[str], None] | None = None, on_epoch: Callable[[dict], None] | None = None,
-                     on_checkpoint: Callable | None = None, repoptimizer: bool = False) -> TrainResult:
+                     on_checkpoint: Callable | None = None, repoptimizer: bool = False,
+                     optimizer: str | None = None) -> TrainResult:
     """Train ``net`` with ``recipe`` (suites.Recipe) as process ``dist.rank`` of ``dist.world_size`` (the process
     group already joined), accumulating ``grad_accum`` micro-batches of ``recipe.batch`` per optimizer step.
 
@@ -400,7 +412,7 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
     ``run_dir/checkpoints`` and the run resumes from the newest that verifies. ``log``: progress lines (rank 0).
     ``on_epoch(record)``: after each epoch's validation (rank 0). ``on_checkpoint(kind, path, size, sha256, epoch)``:
     each checkpoint written or removed (rank 0). ``repoptimizer``: train with the RepOptimizer (the model's RepOpt
-    blocks carry its constants). Raises :class:`Diverged` on a non-finite loss and
+    blocks carry its constants); ``optimizer``: another optimizer than SGD (optim_wrapper_cfg). Raises :class:`Diverged` on a non-finite loss and
     :class:`Preempted` after a signal's checkpoint.
     """
     dist = dist or DistEnv()
@@ -464,7 +476,7 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
         val_evaluator=[Top1()],
         train_cfg=dict(by_epoch=True, max_epochs=recipe.epochs, val_interval=1),
         val_cfg=dict(),
-        optim_wrapper=optim_wrapper_cfg(recipe, grad_accum, repoptimizer),
+        optim_wrapper=optim_wrapper_cfg(recipe, grad_accum, repoptimizer, optimizer),
         param_scheduler=schedulers,
         default_hooks=dict(checkpoint=None, param_scheduler=None,
                            logger=dict(type="LoggerHook", interval=50, log_metric_by_epoch=True)),

@@ -138,7 +138,14 @@ class Row:
     variant: str | dict | None = None
     group: str = ""
     paper: dict[str, PaperValue] = field(default_factory=dict)
-    scales: Scales | None = None  # rep "repopt": where its constants come from (None: the row's own, e.g. Table 4)
+    scales: Scales | None = None  # rep "repopt": where its constants come from
+    optimizer: str | None = None  # one of OPTIMIZERS where a table compares optimizers (None: the recipe's SGD)
+
+
+# Optimizers a row may name (RepOptimizers Table 4). The adaptive ones run with torch's defaults except the learning
+# rate (Recipe.adaptive_lr, for the global batch, on the recipe's schedule) and the recipe's weight decay: the paper
+# prints no hyper-parameters for them, so these are this suite's choice, recorded with every run.
+OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw", "adafactor")
 
 
 @dataclass(frozen=True)
@@ -171,6 +178,7 @@ class Recipe:
     bias_lr_mult_norm: bool = True  # False: mmengine's bias_lr_mult rule, which skips norm layers
     label_smoothing: float = 0.0
     clip_grad: float | None = None  # max global L2 norm of the gradient (None: no clipping)
+    adaptive_lr: float = 1e-3    # lr of a row's adaptive optimizer (Row.optimizer: RMSprop, Adam, AdamW, Adafactor)
     decay_1d: bool = True        # weight decay on 1-D parameters other than biases and BN (OREPA's scaling vectors:
     #                              decayed; RepOptimizers' code decays no 1-D parameter: False)
     eval_crop: float = 0.875     # ImageNet evaluation: resize to resolution / eval_crop, centre-crop (224 of 256)

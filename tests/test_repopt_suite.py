@@ -83,7 +83,9 @@ def test_repopt_tables_are_declared_as_printed():
     assert row.paper["top1"].text == "78.47±0.03" and row.paper["train_speed"].text == "380"
     assert t2.row("RepVGG-L2").paper["top1"].text == "80.52±0.05" and t2.baseline_of(row) == "RepVGG-B1"
     assert {r.scales.how for r in t4.rows if r.scales} == {"searched", "ones", "hs_init", "channel_mean"}
-    assert [r.paper["top1"].text for r in t4.rows] == ["76.91", "78.47", "77.42", "77.07", "77.59", "77.71", "77.40"]
+    assert [r.paper["top1"].text for r in t4.rows] == ["76.91", "76.72", "76.14", "75.03", "74.69", "78.47", "77.42",
+                                                       "77.07", "77.59", "77.71", "77.40"]
+    assert [r.optimizer for r in t4.rows[:5]] == [None, "rmsprop", "adam", "adamw", "adafactor"]
     for table in (t2, t4):  # one recipe per table, and never clipping where a RepOptimizer trains
         assert all(r.clip_grad is None for r in table.recipes.values())
     assert hs.recipes["paper"].dataset == "cifar100" and hs.recipes["mini"].dataset == "digits_cifar"
@@ -146,3 +148,22 @@ def test_paper_plan_of_table2_runs_each_hyper_search_once_before_its_rows(tmp_pa
         first = [i for i, line in enumerate(lines) if f"RepOpt-VGG-{size} " in line]
         assert len([i for i in first if "HS" in lines[i]]) == 1 and "HS" in lines[first[0]], size
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("name,cls", [("rmsprop", "RMSprop"), ("adam", "Adam"), ("adamw", "AdamW"),
+                                      ("adafactor", "Adafactor")])
+def test_a_row_names_its_optimizer(name, cls):
+    """Table 4's adaptive optimizers through MMEngine: torch's class, the recipe's adaptive lr and weight decay (none
+    on BN), and no RepOptimizer mixed in."""
+    from mmengine.optim import build_optim_wrapper
+    recipe = suites.get_table("repopt.table4").recipes["mini"]
+    model = RepVGG(config=resolve_variant("none"), **ARCH)
+    wrapper = build_optim_wrapper(model, optim_wrapper_cfg(recipe, 1, optimizer=name))
+    optimizer = wrapper.optimizer
+    assert type(optimizer).__name__ == cls and optimizer.defaults["lr"] == recipe.adaptive_lr
+    decays = {group["weight_decay"] for group in optimizer.param_groups}
+    assert decays == {0.0, recipe.weight_decay}
+    with pytest.raises(ValueError, match="either it or another"):
+        optim_wrapper_cfg(recipe, 1, repoptimizer=True, optimizer=name)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optim_wrapper_cfg(recipe, 1, optimizer="lamb")
