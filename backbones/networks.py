@@ -223,6 +223,10 @@ def build_classifier(arch: str, rep: str = "none", num_classes: int = 1000, vari
     else:
         if set(backbone_kwargs) - {"strides"}:
             raise ValueError(f"{arch} takes only the option strides, got {sorted(backbone_kwargs)}")
+        if config.strides is not None:
+            if "strides" in backbone_kwargs:
+                raise ValueError(f"strides given twice: by the variant {config.strides} and as an option")
+            backbone_kwargs["strides"] = config.strides
         model = RepVGG(config=config, num_classes=num_classes, **spec.kwargs, **backbone_kwargs)
     model.arch, model.rep = arch, rep
     return model

@@ -33,8 +33,8 @@ from .blocks import TORCH_CONV_INIT_A, ConvBN, ReparamBlock
 from .branches import Conv, ConvGeometry, Identity
 
 # Where the paper and the official code differ (official-code notes Sec. 4.2-4.5), both are selectable:
-HS_INIT = ("code", "paper")           # HS scale of the l-th layer of a stage (l = 1 first): code sqrt(2/(l-1)), first 1
-#                                       paper sqrt(2/l)
+HS_INIT = ("code", "paper", "ones")   # HS scale of the l-th layer of a stage (l = 1 first): code sqrt(2/(l-1)), first 1
+#                                       paper sqrt(2/l); ones: all 1 (Table 9's other row)
 REINIT_IDENTITY = ("searched", "one")  # Rule of Initialization's identity term: the HS-trained d (code) or 1 (Eq. 4)
 
 
@@ -44,10 +44,11 @@ def has_identity(geometry: ConvGeometry) -> bool:
 
 def hs_scale_init(layer: int, rule: str = "code") -> float:
     """The initial HS scale of the ``layer``-th 3x3 layer of a stage (1 = the first; 0 = the stem). Paper (Sec. 3.3):
-    sqrt(2 / l). Official code: block index i = l - 1 within the stage, 1.0 for i = 0 else sqrt(2 / i)."""
+    sqrt(2 / l). Official code: block index i = l - 1 within the stage, 1.0 for i = 0 else sqrt(2 / i). ``ones``:
+    1 everywhere (Table 9's "All 1")."""
     if rule not in HS_INIT:
         raise ValueError(f"unknown HS init {rule!r}; expected one of {HS_INIT}")
-    if layer <= 0:
+    if layer <= 0 or rule == "ones":
         return 1.0
     if rule == "paper":
         return math.sqrt(2.0 / layer)

@@ -31,11 +31,14 @@ class RepConfig:
     init: str = "code"
     deep_stem: bool = False   # OREPA: the 7x7 stem becomes the linear deep stem
     rep_1x1: bool = False     # OREPA: bottleneck 1x1s become Rep-1x1
-    hs_init: str = "code"     # RepOptimizers' CSLA / HS scale init by depth: "code" or "paper" (backbones/repopt.py)
+    hs_init: str = "code"     # RepOptimizers' CSLA / HS scale init by depth: code, paper, ones (backbones/repopt.py)
+    strides: tuple[int, ...] | None = None  # RepVGG-family networks: strides of the five stride-2 layers (RepOpt
+    #                                         Table 6's Hyper-Search variants); None: the architecture's own
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["branches"] = list(self.branches)
+        d["strides"] = None if self.strides is None else list(self.strides)
         return d
 
 
@@ -56,7 +59,7 @@ TUNABLE = {  # the fields a variant may change, per rep
     "orepa": {"form", "branches", "scaling", "post_norm", "init", "deep_stem", "rep_1x1"},
     "repvgg": {"form", "scaling", "post_norm"},
     "orepa_vgg": {"form"},
-    "csla": {"hs_init"}, "hs": {"hs_init"}, "repopt": set(),
+    "csla": {"hs_init", "strides"}, "hs": {"hs_init", "strides"}, "repopt": {"strides"},
 }
 _WITHOUT_BRANCH_NORM = dict(form="linear_offline", scaling="none", post_norm=True)
 PRESETS = {
@@ -106,6 +109,8 @@ def resolve_variant(rep: str, variant: str | dict | None = None) -> RepConfig:
         raise ValueError(f"variant keys {sorted(bad)} do not apply to rep {rep!r}; tunable: {sorted(TUNABLE[rep])}")
     if "branches" in overrides:
         overrides["branches"] = tuple(overrides["branches"])
+    if overrides.get("strides") is not None:
+        overrides["strides"] = tuple(overrides["strides"])
     if overrides.get("form") == "offline_bn":
         overrides.setdefault("post_norm", False)
     return replace(config, **overrides)

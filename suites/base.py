@@ -16,7 +16,7 @@ class MetricSpec:
     name: str
     unit: str
     label: str
-    kind: str  # "accuracy" or "cost"
+    kind: str  # "accuracy", "cost" or "statistic" (a property of trained weights)
     higher_is_better: bool
 
 
@@ -31,6 +31,14 @@ METRICS = {m.name: m for m in (
     MetricSpec("train_speed", "samples/s", "Train speed", "cost", True),
     # the largest batch that trains a step within the memory budget (RepOptimizers Table 2's "Train MaxBS")
     MetricSpec("max_batch_size", "images", "Train MaxBS", "cost", True),
+    MetricSpec("throughput", "img/s", "Throughput", "cost", True),  # deployed forward, the inference probe
+    # INT8 (RepOptimizers Tables 8, 10; measured by the quantization issue's protocol)
+    MetricSpec("top1_ptq", "%", "PTQ INT8 top-1", "accuracy", True),
+    MetricSpec("top1_qat", "%", "QAT INT8 top-1", "accuracy", True),
+    # standard deviation of one 3x3 kernel's parameters: all, centre, the eight surrounding positions (Tables 8, 11)
+    MetricSpec("kernel_std", "", "Std of parameters", "statistic", False),
+    MetricSpec("kernel_std_central", "", "Std (central)", "statistic", False),
+    MetricSpec("kernel_std_surrounding", "", "Std (surrounding)", "statistic", False),
 )}
 
 

@@ -89,6 +89,20 @@ def test_repopt_tables_are_declared_as_printed():
     for table in (t2, t4):  # one recipe per table, and never clipping where a RepOptimizer trains
         assert all(r.clip_grad is None for r in table.recipes.values())
     assert hs.recipes["paper"].dataset == "cifar100" and hs.recipes["mini"].dataset == "digits_cifar"
+    t6, t9 = suites.get_table("repopt.table6"), suites.get_table("repopt.table9")
+    assert [(r.paper["top1"].text, hs.row(r.scales.row).variant) for r in t6.rows] == [
+        ("78.47", None), ("77.81", {"strides": (2, 2, 1, 2, 1)}), ("77.88", {"strides": (2, 1, 2, 1, 1)})]
+    assert [hs.row(r.scales.row).paper["top1"].text for r in t6.rows] == ["54.53", "70.66", "74.37"]
+    assert [(r.paper["top1"].text, hs.row(r.scales.row).paper["top1"].text) for r in t9.rows] == [
+        ("77.59", "47.70"), ("78.47", "54.53")]
+    declared = {k: t for k, t in suites.TABLES.items() if k.startswith("repopt.") and not t.recipes}
+    assert set(declared) == {f"repopt.table{n}" for n in (3, 5, 7, 8, 10, 11, 12)}
+    assert declared["repopt.table7"].runner == "dense"
+    assert declared["repopt.table10"].row("RepVGG-1").paper["top1_qat"].text == "N/A"
+    assert declared["repopt.table11"].row("RepVGG-B1 / after branch addition").paper["kernel_std_central"].text \
+        == "0.0500"
+    for table in declared.values():  # every printed value belongs to one of the table's columns
+        assert all(set(r.paper) <= set(table.metrics) for r in table.rows), table.key
     with pytest.raises(ValueError, match="need"):
         Scales(how="searched")
     with pytest.raises(ValueError, match="take no"):
@@ -167,3 +181,25 @@ def test_a_row_names_its_optimizer(name, cls):
         optim_wrapper_cfg(recipe, 1, repoptimizer=True, optimizer=name)
     with pytest.raises(ValueError, match="unknown optimizer"):
         optim_wrapper_cfg(recipe, 1, optimizer="lamb")
+
+
+def test_hs_variants_build_the_stride_and_initialisation_models_of_tables_6_and_9():
+    """Table 6's strides and Table 9's all-1 initialisation are recorded variants of the HS model: the strides reach
+    the network (a stride-1 stem keeps the resolution), the all-1 scales reach every block, and the scales of every
+    variant fit the original target (same blocks, same identity placement)."""
+    from backbones import build_classifier
+    from backbones.repopt import reinitialize, scales_of
+    hs = suites.get_table("repopt.hs")
+    x = torch.randn(1, 3, 64, 64)
+    sizes = {}
+    for row in hs.rows[:4]:
+        model = build_classifier(row.arch, row.rep, 10, row.variant).eval()
+        sizes[row.name] = model.forward_features(x)[-1].shape[-1]
+        target = build_classifier(row.arch, "repopt", 10)
+        reinitialize(target, scales_of(model))  # raises on any block mismatch
+    assert sizes == {"RepOpt-VGG-B1 HS": 2, "RepOpt-VGG-B1 HS strides 2,2,1,2,1": 8,
+                     "RepOpt-VGG-B1 HS strides 2,1,2,1,1": 16, "RepOpt-VGG-B1 HS all-1 init": 2}
+    ones = build_classifier("repoptvgg_b1", "hs", 10, {"hs_init": "ones"})
+    assert all(bool((b.scale_conv == 1).all()) for b in csla_blocks(ones))
+    code = build_classifier("repoptvgg_b1", "hs", 10)
+    assert not all(bool((b.scale_conv == 1).all()) for b in csla_blocks(code))
