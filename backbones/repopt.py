@@ -222,7 +222,13 @@ def load_scales(path: str | Path) -> list[BlockScales]:
     """Scales from this suite's file or from the official layout (an HS state dict, possibly inside 'model' or
     'state_dict': ``stage0.scale_conv.weight``, ``stage{i}.{j}.scale_1x1.weight``, ``...scale_identity.weight``;
     official-code notes Sec. 4.3). Loaded with ``weights_only=True``: tensors only, no code."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises pickle, zip and runtime errors alike for a bad file
+        raise ValueError(f"{path}: not a readable scales file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else 'unreadable'})") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

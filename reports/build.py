@@ -323,7 +323,7 @@ def judge_claim(claim: Claim, table: Table, rows: dict[str, _Row], at_paper_regi
 
 def lineage(store, table_key: str) -> dict[int, str]:
     """Run id -> where its inputs came from: a RepOpt row's scales file, named by the Hyper-Search run that wrote it
-    (matched by sha256 over every table's recorded files)."""
+    (matched by sha256 over every table's recorded files), else by its path (run_suite --scales)."""
     used = store.artifacts_frame(table_name=table_key)
     used = used[used.kind == "input_scales"]
     if used.empty:
@@ -334,7 +334,7 @@ def lineage(store, table_key: str) -> dict[int, str]:
     for u in used.itertuples():
         source = written[written.sha256 == u.sha256]
         who = (f"{source.table_name.iloc[0]} / {source.row_name.iloc[0]} seed {source.seed.iloc[0]} (run "
-               f"{source.run_id.iloc[0]})" if len(source) else "a file no recorded run wrote")
+               f"{source.run_id.iloc[0]})" if len(source) else f"the file {u.path}")
         out[int(u.run_id)] = f"scales from {who}, sha256 {u.sha256[:12]}"
     return out
 

@@ -82,6 +82,9 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifacts", metavar="DIR",
                         help="checkpoints, logs and final weights (default: $REPBENCH_ARTIFACTS, else "
                              "results/artifacts/)")
+    parser.add_argument("--scales", metavar="FILE",
+                        help="RepOpt rows: use this scales file (this suite's or the official RepOpt-VGG-*-scales.pth "
+                             "layout) instead of running their Hyper-Search; its sha256 enters the run key")
     parser.add_argument("--force", action="store_true",
                         help="re-run finished runs too, from scratch (their old checkpoints are removed)")
     parser.add_argument("--dry-run", action="store_true", help="show the plan; run and write nothing")
@@ -184,10 +187,19 @@ def _validated_run(args):
         ancestor = next(p for p in data_root.absolute().parents if p.exists())
         if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
             raise BadInput(f"--data-root {data_root} does not exist and cannot be created in {ancestor}")
+    rows = [table.row(name) for name in args.only] if args.only else table.rows
+    if args.scales is not None:
+        if not any(row.scales is not None for row in rows):
+            raise BadInput(f"--scales: {table.key} has no RepOpt row{' among --only' if args.only else ''} to use it")
+        from backbones.repopt import load_scales
+        try:
+            load_scales(args.scales)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise BadInput(f"--scales {args.scales}: {getattr(e, 'strerror', None) or e}") from None
     missing = None
     needed = [recipe.dataset]  # and the data of the runs the rows consume (RepOpt rows: their Hyper-Search)
-    for row in [table.row(name) for name in args.only] if args.only else table.rows:
-        if row.scales is not None and row.scales.upstream:
+    for row in rows:
+        if row.scales is not None and row.scales.upstream and args.scales is None:
             needed.append(_table(row.scales.table).recipes[args.scale].dataset)
     try:
         for dataset in dict.fromkeys(needed):
@@ -224,8 +236,9 @@ def cmd_run(argv, console: Console) -> int:
     if args.executor == "slurm":  # array tasks run elsewhere, in the submission's folder: absolute paths
         data_root, artifacts = Path(data_root).resolve(), artifacts.resolve()
     since = now_ms()
+    scales = str(Path(args.scales).resolve()) if args.scales else None
     jobs = plan(table, args.scale, args.seeds, args.only, str(data_root), public_url, args.executor, args.devices,
-                args.follow, str(artifacts), args.force, since_ms=since)
+                args.follow, str(artifacts), args.force, since_ms=since, scales_file=scales)
     if args.dry_run:
         done = _already_done(url, jobs) if not args.force else {}
         console.print(_plan_view(table, args, jobs, done))

@@ -57,6 +57,7 @@ class Job:
     artifacts_root: str = "results/artifacts"
     fresh: bool = False
     since_ms: int | None = None  # when the invocation (or submission) began: runs that failed before it are retried
+    scales_file: str | None = None  # RepOpt rows given --scales: the file (its sha256 is in the config)
 
     @property
     def label(self) -> str:
@@ -99,9 +100,10 @@ def batch_plan(recipe, devices: int) -> dict:
 
 def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, db_url: str,
          executor: str = "local", devices: int = 1, follow: str = "code", artifacts_root: str | None = None,
-         fresh: bool = False, since_ms: int | None = None) -> list[Job]:
+         fresh: bool = False, since_ms: int | None = None, scales_file: str | None = None) -> list[Job]:
     """Jobs for ``table`` (a suites.Table) at ``scale``: every row (or ``only``) x seeds 0..seeds-1, trained by
-    ``devices`` processes with the recipe as the official code (``follow="code"``) or the paper's text runs it."""
+    ``devices`` processes with the recipe as the official code (``follow="code"``) or the paper's text runs it.
+    RepOpt rows bring their Hyper-Search run (planned first), unless ``scales_file`` gives their searched scales."""
     import suites
     from backbones import resolve_variant
     from .data import NUM_CLASSES
@@ -125,7 +127,9 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
         scales = None
         if row.scales is not None:
             scales = row.scales.as_dict()
-            if row.scales.upstream:  # the Hyper-Search run goes first (planned once however many rows use it)
+            if scales_file and row.scales.upstream:  # a file given instead of the row's own search
+                scales.update(table=None, row=None, file_sha256=_sha256(Path(scales_file)))
+            elif row.scales.upstream:  # the Hyper-Search run goes first (planned once however many rows use it)
                 source = suites.get_table(row.scales.table)
                 upstream = plan(source, scale, 1, [row.scales.row], data_root, db_url, executor, devices, follow,
                                 artifacts_root, False, since_ms)[0]  # --force re-runs the rows, not their source
@@ -148,7 +152,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                            config)
             jobs.append(Job(spec, config, data_root, db_url, executor,
                             artifacts_root=str(resolve_artifacts_root(artifacts_root)),
-                            fresh=fresh, since_ms=since_ms))
+                            fresh=fresh, since_ms=since_ms, scales_file=scales_file if scales else None))
     return jobs
 
 
@@ -381,8 +385,16 @@ def _apply_scales(store: Store, claim, job: Job, model, dist) -> None:
     from backbones.repopt import ablated_scales, load_scales, reinitialize, scales_of, set_constants, target_blocks
 
     c, s = job.config, job.config["scales"]
-    if s.get("run_key"):
-        path, size, sha = _upstream_scales(store, job, s["run_key"])
+    if s.get("run_key") or s.get("file_sha256"):
+        if s.get("file_sha256"):  # run_suite --scales
+            path = Path(job.scales_file or "")
+            sha = _sha256(path) if path.is_file() else None
+            if sha != s["file_sha256"]:
+                raise RuntimeError(f"the scales file {path} is missing or changed since the run was planned "
+                                   f"(sha256 {s['file_sha256'][:12]})")
+            size = path.stat().st_size
+        else:
+            path, size, sha = _upstream_scales(store, job, s["run_key"])
         scales = load_scales(path)
         if dist.is_main:
             store.log_artifact(claim.run_id, "input_scales", str(path), size, sha, None, owner=claim.owner)

@@ -2,6 +2,7 @@
 equals CSLA trained by plain SGD; Hyper-Search runs write the scales files that RepOpt rows consume, with the lineage
 in the database and in the report; the tables' declarations."""
 
+import json
 import sqlite3
 
 import pytest
@@ -203,3 +204,35 @@ def test_hs_variants_build_the_stride_and_initialisation_models_of_tables_6_and_
     assert all(bool((b.scale_conv == 1).all()) for b in csla_blocks(ones))
     code = build_classifier("repoptvgg_b1", "hs", 10)
     assert not all(bool((b.scale_conv == 1).all()) for b in csla_blocks(code))
+
+
+def test_a_scales_file_replaces_the_hyper_search_and_is_recorded(tmp_path, monkeypatch, capsys):
+    """run_suite --scales FILE: RepOpt rows use the file (no Hyper-Search run is planned), its sha256 is part of the
+    run key and the run records it as its input; a missing or unreadable file, or a table without RepOpt rows, is bad
+    input (exit 2, nothing written)."""
+    from backbones import build_classifier
+    from backbones.repopt import save_scales, scales_of
+    from runners.cli import main
+    from test_cli import run_cli
+    monkeypatch.chdir(tmp_path)
+    file = save_scales(scales_of(build_classifier("repoptvgg_b1", "hs", 4)), tmp_path / "b1-scales.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    for argv, message in ((["repopt.table9", "--scales", "nope.pth"], "--scales nope.pth"),
+                          (["repopt.table9", "--scales", "junk.pth"], "--scales junk.pth"),
+                          (["table4", "--scales", str(file)], "has no RepOpt row")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) <= 2, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b1-scales.pth", "junk.pth"]
+    db = tmp_path / "r.sqlite"
+    done = run_cli("repopt.table9", "--only", "sqrt(2/l)", "--scales", str(file), "--db", f"sqlite:///{db}",
+                   "--data-root", str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        runs = c.execute("SELECT table_name, row_name FROM runs").fetchall()
+        used = c.execute("SELECT kind, path, sha256 FROM artifacts WHERE kind = 'input_scales'").fetchall()
+        keys = dict(c.execute("SELECT key, value FROM params").fetchall())
+    from runners.train import sha256_of
+    assert runs == [("repopt.table9", "sqrt(2/l)")]  # no Hyper-Search run
+    assert used == [("input_scales", str(file), sha256_of(file))]
+    assert json.loads(keys["scales.file_sha256"]) == sha256_of(file) and json.loads(keys["scales.row"]) is None
