@@ -271,9 +271,18 @@ def _size_family(table, rows) -> Family | None:
     present = [n for n in SIZE if any(len(rows[r.name].values(n)) for r in table.rows)]
     if not present:
         return None
-    out = [{"row": row.name, **{LABELS[n]: rows[row.name].measured(n, "", _count) for n in present}}
-           for row in table.rows]
-    return Family("Size", ["row", *(LABELS[n] for n in present)], out)
+    printed = [n for n in present if any(n in row.paper for row in table.rows)]  # e.g. RepOptimizers Table 1
+    columns, out = ["row"], []
+    for n in present:
+        columns += [f"{LABELS[n]} paper", LABELS[n]] if n in printed else [LABELS[n]]
+    for row in table.rows:
+        cells = {"row": row.name}
+        for n in present:
+            if n in printed:
+                cells[f"{LABELS[n]} paper"] = row.paper[n].text if n in row.paper else "–"
+            cells[LABELS[n]] = rows[row.name].measured(n, "", _count)
+        out.append(cells)
+    return Family("Size", columns, out)
 
 
 def _inference_family(table, rows) -> Family | None:

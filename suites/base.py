@@ -16,7 +16,7 @@ class MetricSpec:
     name: str
     unit: str
     label: str
-    kind: str  # "accuracy", "cost" or "statistic" (a property of trained weights)
+    kind: str  # "accuracy", "cost", "size" (exact counts) or "statistic" (a property of trained weights)
     higher_is_better: bool
 
 
@@ -32,6 +32,9 @@ METRICS = {m.name: m for m in (
     # the largest batch that trains a step within the memory budget (RepOptimizers Table 2's "Train MaxBS")
     MetricSpec("max_batch_size", "images", "Train MaxBS", "cost", True),
     MetricSpec("throughput", "img/s", "Throughput", "cost", True),  # deployed forward, the inference probe
+    # exact counts from the architecture (MACs of one 224x224 image: the papers' "FLOPs"); the report's size family
+    MetricSpec("params_deploy", "", "Params (deploy)", "size", False),
+    MetricSpec("macs_deploy", "", "MACs (deploy)", "size", False),
     # INT8 (RepOptimizers Tables 8, 10; measured by the quantization issue's protocol)
     MetricSpec("top1_ptq", "%", "PTQ INT8 top-1", "accuracy", True),
     MetricSpec("top1_qat", "%", "QAT INT8 top-1", "accuracy", True),
@@ -278,6 +281,12 @@ class Table:
     claims: tuple[Claim, ...] = ()
     chain: bool = False                                        # rows add components one by one (Figure 8)
     resources: dict[str, Resources] = field(default_factory=lambda: dict(RESOURCES))
+    num_classes: int | None = None  # a head of this size whatever the scale's data (tables that only count, e.g.
+    #                                 RepOptimizers Table 1's ImageNet parameters); None: the dataset's classes
+
+    def __post_init__(self):
+        if self.num_classes and any(r.train_accuracy for r in self.recipes.values()):
+            raise ValueError(f"{self.paper}.{self.name}: a fixed head size is for tables that train nothing")
 
     @property
     def key(self) -> str:

@@ -43,6 +43,24 @@ SEARCH = {
 _SIZES = ("B1", "B2", "L1", "L2")
 
 
+_T1 = "RepOptimizers Table 1"
+# Exact counts from the architecture beside the printed ones: the printed FLOPs are rounded differently per source
+# (B1: 11.815 G MACs, printed 11.9 here and 11.8 in RepVGG's own table; L1 21.064 vs 21.0); tests/test_networks.py
+# pins the exact integers. Costs only: nothing trains.
+TABLE1 = Table(
+    PAPER, "table1", "Architectural settings of RepOpt-VGG / RepVGG: inference-time FLOPs and parameters", _T1,
+    ("params_deploy", "macs_deploy"),
+    tuple(Row(f"RepOpt-VGG-{size}", f"repoptvgg_{size.lower()}", "repopt", None, size,
+              {"macs_deploy": PaperValue(f"{flops} B", f"{_T1}, {size}, FLOPs (B)"),
+               "params_deploy": PaperValue(f"{params} M", f"{_T1}, {size}, Param (M)")}, Scales(how="hs_init"))
+          for size, flops, params in (("B1", "11.9", "51.8"), ("B2", "18.4", "80.3"), ("L1", "21.0", "76.0"),
+                                      ("L2", "32.8", "118.1"))),
+    {scale: replace(r, train_accuracy=False, checkpoints=False) for scale, r in TARGET.items()},
+    paper_regime=None,
+    num_classes=1000,  # ImageNet's head, as the printed parameter counts
+)
+
+
 def _hs_row(size: str, suffix: str = "", variant: dict | None = None, printed: str | None = None,
             source: str = "") -> Row:
     paper = {"top1": PaperValue(printed, source)} if printed else {}
@@ -242,4 +260,4 @@ TABLE12 = _declared(
      Row("RepOpt-GhostNet 0.5x", "repghostnet_0.5x", "repopt", None, "",
          _printed(_T12, "RepOpt-GhostNet 0.5x (RepOptimizer)", top1="66.51"), Scales(how="hs_init"))))
 
-TABLES = (HS, TABLE2, TABLE3, TABLE4, TABLE5, TABLE6, TABLE7, TABLE8, TABLE9, TABLE10, TABLE11, TABLE12)
+TABLES = (HS, TABLE1, TABLE2, TABLE3, TABLE4, TABLE5, TABLE6, TABLE7, TABLE8, TABLE9, TABLE10, TABLE11, TABLE12)

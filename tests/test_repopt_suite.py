@@ -236,3 +236,25 @@ def test_a_scales_file_replaces_the_hyper_search_and_is_recorded(tmp_path, monke
     assert runs == [("repopt.table9", "sqrt(2/l)")]  # no Hyper-Search run
     assert used == [("input_scales", str(file), sha256_of(file))]
     assert json.loads(keys["scales.file_sha256"]) == sha256_of(file) and json.loads(keys["scales.row"]) is None
+
+
+def test_table1_counts_the_deployed_models_with_imagenet_heads(tmp_path):
+    """repopt.table1 trains nothing: its runs count parameters and MACs of the deployed RepOpt-VGG with a 1000-class
+    head (whatever the scale's data), exact integers that, truncated to 0.1 M as the paper prints, equal Table 1;
+    the report puts the printed counts beside them."""
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli("repopt.table1", "--only", "RepOpt-VGG-B1", "--db", f"sqlite:///{db}", "--data-root",
+                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        values = dict(c.execute("SELECT name, value FROM metrics").fetchall())
+    assert "top1" not in values and int(values["params_deploy"]) // 100_000 == 518
+    from backbones import build_classifier, deploy
+    from runners.probes import count_macs, count_params
+    model = deploy(build_classifier("repoptvgg_b1", "repopt", 1000).eval())
+    assert values["params_deploy"] == count_params(model) and values["macs_deploy"] == count_macs(model, 224)
+    assert run_cli("report", "repopt.table1", "--db", f"sqlite:///{db}", "--out", str(tmp_path / "out"),
+                   cwd=tmp_path).returncode == 0
+    text = (tmp_path / "out" / "repopt.table1.md").read_text()
+    assert "| RepOpt-VGG-B1 | 51.84M | 51.8 M | 51.83M | 11.82G | 11.9 B | 11.82G |" in text
