@@ -64,10 +64,15 @@ def _write_imagefolder(root: Path, images: np.ndarray, labels: np.ndarray, val_f
         folder = tmp / split / f"{int(labels[index]):02d}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[index]).convert("RGB").save(folder / f"{index:05d}.png")
+    _publish(tmp, root)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename the finished ``tmp`` folder to ``path``; where another worker got there first, drop ours."""
     try:
-        tmp.rename(root)
+        tmp.rename(path)
     except OSError:
-        if not root.is_dir():
+        if not path.is_dir():
             raise
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -99,12 +104,7 @@ def ensure_cifar_copy(name: str, root: Path) -> Path:
         labels = [int(f.parent.name) for f in files]
         with open(tmp / file, "wb") as handle:
             pickle.dump({"data": data, "fine_labels": labels, "filenames": [f.name for f in files]}, handle)
-    try:
-        tmp.rename(path)
-    except OSError:
-        if not path.is_dir():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    _publish(tmp, path)
     return path
 
 
