@@ -258,3 +258,26 @@ def test_table1_counts_the_deployed_models_with_imagenet_heads(tmp_path):
                    cwd=tmp_path).returncode == 0
     text = (tmp_path / "out" / "repopt.table1.md").read_text()
     assert "| RepOpt-VGG-B1 | 51.84M | 51.8 M | 51.83M | 11.82G | 11.9 B | 11.82G |" in text
+
+
+def test_table4_smoke_runs_every_optimizer_and_ablation(tmp_path):
+    """repopt.table4 at smoke: every row finishes; one Hyper-Search run serves the four rows that read its scales
+    (searched, grad only, init only, channel mean), recorded as their input; the constant rows (all 1, HS init) and
+    the plain optimizers read none; each run records the rules and the optimizer it used."""
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli("repopt.table4", "--db", f"sqlite:///{db}", "--data-root", str(tmp_path / "data"),
+                   "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        runs = dict(c.execute("SELECT row_name, status FROM runs").fetchall())
+        inputs = {row for (row,) in c.execute("SELECT row_name FROM artifacts JOIN runs ON runs.id = run_id "
+                                              "WHERE kind = 'input_scales'")}
+        params = {(row, key): json.loads(value) for row, key, value in c.execute(
+            "SELECT row_name, key, value FROM params JOIN runs ON runs.id = run_id")}
+    table = suites.get_table("repopt.table4")
+    assert runs == {**{r.name: "finished" for r in table.rows}, "RepOpt-VGG-B1 HS": "finished"}
+    assert inputs == {r.name for r in table.rows if r.scales and r.scales.how in ("searched", "channel_mean")}
+    assert params[("RepOptimizer / Hyper-Search / grad only", "scales.reinit")] is False
+    assert params[("RepOptimizer / Hyper-Search / init only", "scales.grad_mult")] is False
+    assert params[("Adafactor", "optimizer")] == "adafactor" and ("SGD", "optimizer") not in params
