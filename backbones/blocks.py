@@ -58,20 +58,29 @@ class ReparamBlock(nn.Module, ABC):
 
 
 class ConvBN(ReparamBlock):
-    """A plain conv + BN (the "None" baseline); deploys by Transform I."""
+    """A plain conv + BN (the "None" baseline); deploys by Transform I. ``conv`` / ``bn``: existing modules to hold
+    instead of new ones (a torchvision network's conv-BN pairs, backbones/zoo.py; the conv may have a bias)."""
 
-    def __init__(self, geometry: ConvGeometry):
+    def __init__(self, geometry: ConvGeometry, conv: nn.Conv2d | None = None, bn: nn.BatchNorm2d | None = None):
         super().__init__()
         g = self.geometry = geometry
-        self.conv = nn.Conv2d(g.in_channels, g.out_channels, g.kernel_size, g.stride, g.padding, g.dilation,
-                              g.groups, bias=False)
-        self.bn = nn.BatchNorm2d(g.out_channels)
+        self.conv = conv if conv is not None else nn.Conv2d(g.in_channels, g.out_channels, g.kernel_size, g.stride,
+                                                            g.padding, g.dilation, g.groups, bias=False)
+        self.bn = bn if bn is not None else nn.BatchNorm2d(g.out_channels)
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> ConvBN:
+        """The block made of an existing square-kernel, zero-padded conv and the BN that follows it."""
+        (k, kw), (p, pw), (d, dw), (s, sw) = conv.kernel_size, conv.padding, conv.dilation, conv.stride
+        if k != kw or p != pw or d != dw or s != sw or conv.padding_mode != "zeros":
+            raise ValueError(f"ConvBN.of takes square zero-padded convs, got {conv}")
+        return cls(ConvGeometry(conv.in_channels, conv.out_channels, k, s, p, d, conv.groups), conv, bn)
 
     def forward(self, x):
         return self.bn(self.conv(x))
 
     def equivalent_kernel_bias(self):
-        return algebra.fuse_conv_bn(self.conv.weight, self.bn)
+        return algebra.fuse_conv_bn(self.conv.weight, self.bn, self.conv.bias)
 
 
 class MultiBranchConv(ReparamBlock):

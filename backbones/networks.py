@@ -11,8 +11,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from torch import nn
+from torchvision.ops import SqueezeExcitation
 
 from .variants import REPVGG_REPS, RESNET_REPS, RepConfig, make_conv, resolve_variant
+from .zoo import TORCHVISION, build_torchvision
 
 
 class BasicBlock(nn.Module):
@@ -132,6 +134,9 @@ class RepVGG(Classifier):
         in_planes = min(64, int(64 * widths[0]))
         self.stem = make_conv(config, 3, in_planes, 3, strides[0])
         self.relu = nn.ReLU(inplace=True)
+        # RepOpt-VGG-L2† (RepOptimizers Table 3: "insert SE Blocks after each 3x3 conv"): after the ReLU, squeeze to a
+        # quarter of the channels, as the official target block's post-SE (official-code notes Sec. 4)
+        self.stem_se = SqueezeExcitation(in_planes, in_planes // 4) if config.se else None
         index = 1
         stages = []
         for i, n in enumerate(layers):
@@ -141,6 +146,8 @@ class RepVGG(Classifier):
                 blocks.append(make_conv(config, in_planes, planes, 3, strides[i + 1] if j == 0 else 1,
                                         override_groups.get(index, 1), layer=j + 1))
                 blocks.append(nn.ReLU(inplace=True))
+                if config.se:
+                    blocks.append(SqueezeExcitation(planes, planes // 4))
                 in_planes = planes
                 index += 1
             stages.append(nn.Sequential(*blocks))
@@ -150,7 +157,8 @@ class RepVGG(Classifier):
         self.fc = nn.Linear(in_planes, num_classes) if num_classes else None
 
     def stem_forward(self, x):
-        return self.relu(self.stem(x))
+        x = self.relu(self.stem(x))
+        return x if self.stem_se is None else self.stem_se(x)
 
     def stages(self):
         return self.stage1, self.stage2, self.stage3, self.stage4
@@ -194,8 +202,11 @@ ARCHS: dict[str, Arch] = {
     "repoptvgg_b2": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(2.5, 2.5, 2.5, 5)), "RepOptimizers Table 1"),
     "repoptvgg_l1": Arch("repvgg", dict(layers=(8, 14, 24, 1), widths=(2, 2, 2, 4)), "RepOptimizers Table 1"),
     "repoptvgg_l2": Arch("repvgg", dict(layers=(8, 14, 24, 1), widths=(2.5, 2.5, 2.5, 5)), "RepOptimizers Table 1"),
+    # plain torchvision networks that tables compare against (backbones/zoo.py); rep "none" only
+    **{name: Arch("torchvision", {}, f"torchvision {builder}; RepOptimizers Table 3")
+       for name, builder in TORCHVISION.items()},
 }
-FAMILY_REPS = {"resnet": RESNET_REPS, "repvgg": REPVGG_REPS}
+FAMILY_REPS = {"resnet": RESNET_REPS, "repvgg": REPVGG_REPS, "torchvision": ("none",)}
 
 
 def check_combination(arch: str, rep: str) -> Arch:
@@ -218,7 +229,11 @@ def build_classifier(arch: str, rep: str = "none", num_classes: int = 1000, vari
     """
     spec = check_combination(arch, rep)
     config = resolve_variant(rep, variant)
-    if spec.family == "resnet":
+    if spec.family == "torchvision":
+        if backbone_kwargs:
+            raise ValueError(f"{arch} takes no options, got {sorted(backbone_kwargs)}")
+        model = build_torchvision(arch, num_classes)
+    elif spec.family == "resnet":
         model = ResNet(config=config, num_classes=num_classes, **spec.kwargs, **backbone_kwargs)
     else:
         if set(backbone_kwargs) - {"strides"}:

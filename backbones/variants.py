@@ -34,6 +34,7 @@ class RepConfig:
     hs_init: str = "code"     # RepOptimizers' CSLA / HS scale init by depth: code, paper, ones (backbones/repopt.py)
     strides: tuple[int, ...] | None = None  # RepVGG-family networks: strides of the five stride-2 layers (RepOpt
     #                                         Table 6's Hyper-Search variants); None: the architecture's own
+    se: bool = False  # RepOpt-VGG: an SE block after each 3x3 conv's ReLU (RepOpt Table 3's "†"; backbones/networks)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -59,7 +60,7 @@ TUNABLE = {  # the fields a variant may change, per rep
     "orepa": {"form", "branches", "scaling", "post_norm", "init", "deep_stem", "rep_1x1"},
     "repvgg": {"form", "scaling", "post_norm"},
     "orepa_vgg": {"form"},
-    "csla": {"hs_init", "strides"}, "hs": {"hs_init", "strides"}, "repopt": {"strides"},
+    "csla": {"hs_init", "strides"}, "hs": {"hs_init", "strides"}, "repopt": {"strides", "se"},
 }
 _WITHOUT_BRANCH_NORM = dict(form="linear_offline", scaling="none", post_norm=True)
 PRESETS = {

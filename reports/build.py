@@ -50,6 +50,7 @@ class Section:
     points: list[dict] = field(default_factory=list)  # per row, for the leaderboard
     superseded: list[dict] = field(default_factory=list)  # finished runs of an older config: listed, not averaged
     busy: list[str] = field(default_factory=list)  # rows timed while the machine was busy
+    departures: list[str] = field(default_factory=list)  # rows with a recipe of their own (Row.recipe), what differs
 
     def family(self, title: str) -> Family:
         return next(f for f in self.families if f.title == title)
@@ -387,9 +388,12 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
     points = [{"table": table.key, "row": r.row.name, "rep": r.row.rep, "arch": r.row.arch,
                **{n: r.mean(n) for n in ("top1", "time_per_batch", "train_memory", "latency")}}
               for r in rows.values() if r.seeds]
+    departures = [f"{row.name}: " + ", ".join(f"{k} {v}" for k, v in row.recipe[scale].items()
+                                              if getattr(recipe, k) != v)
+                  for row in table.rows if any(getattr(recipe, k) != v for k, v in row.recipe.get(scale, {}).items())]
     return Section(scale, recipe.as_dict(), regime, devices, families,
                    [judge_claim(c, table, rows, at_paper_regime) for c in table.claims],
-                   [r.where() for r in rows.values()], plot, table.chain, points, superseded, busy)
+                   [r.where() for r in rows.values()], plot, table.chain, points, superseded, busy, departures)
 
 
 def build_table_report(table: Table, store) -> dict:

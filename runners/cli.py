@@ -156,9 +156,11 @@ def _validated_run(args):
     if args.devices < 1:
         raise BadInput("--devices must be >= 1")
     from runners.jobs import batch_plan
-    recipe = table.recipes[args.scale].following(args.follow)
+    rows = [table.row(name) for name in args.only] if args.only else table.rows
+    recipes = {row.name: table.recipe(args.scale, row).following(args.follow) for row in rows}
     try:
-        batch_plan(recipe, args.devices)
+        for recipe in dict.fromkeys(recipes.values()):
+            batch_plan(recipe, args.devices)
     except ValueError as e:
         raise BadInput(f"--devices {args.devices}: {table.key} at {args.scale}: {e}") from None
     if args.devices > 1 and not args.dry_run:
@@ -183,11 +185,17 @@ def _validated_run(args):
     data_root = resolve_data_root(args.data_root)
     if data_root.exists() and not data_root.is_dir():
         raise BadInput(f"--data-root {data_root} is not a directory")
-    if not data_root.exists() and recipe.dataset not in EXTERNAL:  # external data: check_dataset says it is missing
+    # the data of every row, and of the runs the rows consume (RepOpt rows: their Hyper-Search)
+    needed = [recipe.dataset for recipe in recipes.values()]
+    for row in rows:
+        if row.scales is not None and row.scales.upstream and args.scales is None:
+            source = _table(row.scales.table)
+            needed.append(source.recipe(args.scale, source.row(row.scales.row)).dataset)
+    needed = list(dict.fromkeys(needed))
+    if not data_root.exists() and set(needed) - set(EXTERNAL):  # external data: check_dataset says it is missing
         ancestor = next(p for p in data_root.absolute().parents if p.exists())
         if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
             raise BadInput(f"--data-root {data_root} does not exist and cannot be created in {ancestor}")
-    rows = [table.row(name) for name in args.only] if args.only else table.rows
     if args.scales is not None:
         if not any(row.scales is not None for row in rows):
             raise BadInput(f"--scales: {table.key} has no RepOpt row{' among --only' if args.only else ''} to use it")
@@ -197,12 +205,8 @@ def _validated_run(args):
         except (OSError, ValueError, RuntimeError) as e:
             raise BadInput(f"--scales {args.scales}: {getattr(e, 'strerror', None) or e}") from None
     missing = None
-    needed = [recipe.dataset]  # and the data of the runs the rows consume (RepOpt rows: their Hyper-Search)
-    for row in rows:
-        if row.scales is not None and row.scales.upstream and args.scales is None:
-            needed.append(_table(row.scales.table).recipes[args.scale].dataset)
     try:
-        for dataset in dict.fromkeys(needed):
+        for dataset in needed:
             check_dataset(dataset, data_root)
     except DatasetMissing as e:
         if not args.dry_run:
@@ -462,15 +466,21 @@ def _plan_view(table, args, jobs, done: dict[str, str] | None = None) -> RichTab
                            f"{c.get('global_batch')} (paper: {recipe.global_batch}), lr {recipe.lr:g}, "
                            f"{recipe.epochs} epoch(s), {recipe.dataset} {recipe.resolution}px\n{switches}",
                      title_justify="left")
-    for column in ("row", "seed", "arch", "rep", "steps", "device-hours (est., paper GPUs)", "run key", "in database"):
+    for column in ("row", "seed", "arch", "rep", "data", "steps", "device-hours (est., paper GPUs)", "run key",
+                   "in database"):
         view.add_column(column)
-    images = TRAIN_IMAGES.get(recipe.dataset)
-    for job in jobs:
+    for job in jobs:  # each run's own recipe: a row's departures, an upstream Hyper-Search run's table
+        source = _table(job.spec.table_name)
+        recipe = source.recipe(args.scale, source.row(job.spec.row_name)).following(args.follow)
+        images = TRAIN_IMAGES.get(recipe.dataset)
         steps = recipe.epochs * (images // recipe.global_batch) if images and recipe.train_accuracy else None
         if recipe.max_iters is not None and steps is not None:
             steps = min(steps, recipe.max_iters)
         view.add_row(job.spec.row_name, str(job.spec.seed), job.config["arch"], job.config["rep"],
-                     str(steps) if steps else "-", _device_hours(table, job, recipe, steps), job.spec.run_key[:12],
+                     f"{recipe.dataset} {recipe.resolution}px"
+                     + (f" (test {recipe.test_resolution}px)" if recipe.test_resolution != recipe.resolution else ""),
+                     str(steps) if steps else "-",
+                     _device_hours(table, job, recipe, steps), job.spec.run_key[:12],
                      f"{done[job.spec.run_key]}: skipped" if job.spec.run_key in done else "to do")
     return view
 

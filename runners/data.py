@@ -10,6 +10,9 @@
 * ``imagenet``: ``<root>/imagenet/{train,val}/<class>/*`` (ImageFolder). ``cifar10`` / ``cifar100``: the python
   pickle batches in ``<root>/cifar-10-batches-py`` / ``<root>/cifar-100-python``. These are never downloaded: if
   missing, :class:`DatasetMissing` says where they were expected.
+* ``caltech256``: ``<root>/caltech256/{train,val}/<class>/*`` (ImageFolder, 257 classes with the clutter class),
+  read as ImageNet is. Caltech-256 has no official split: the user's ``train`` / ``val`` folders are the split (the
+  RepOptimizers paper does not give its own).
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-EXTERNAL = {"imagenet": "imagenet", "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+EXTERNAL = {"imagenet": "imagenet", "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python",
+            "caltech256": "caltech256"}
+IMAGEFOLDERS = ("imagenet", "caltech256")  # external ImageFolder trees with train/ and val/
 TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar10": 50_000, "cifar100": 50_000}  # for plans' device-hour estimates
 NUM_CLASSES = {"synthetic": 4, "digits": 10, "synthetic_cifar": 4, "digits_cifar": 10, "imagenet": 1000,
-               "cifar10": 10, "cifar100": 100}
+               "cifar10": 10, "cifar100": 100, "caltech256": 257}
 GENERATED_CIFAR = {"synthetic_cifar": "synthetic", "digits_cifar": "digits"}  # CIFAR-format copy -> its source
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -42,7 +47,7 @@ def check_dataset(name: str, root: Path) -> None:
     """Raise :class:`DatasetMissing` for an external dataset that is not on disk (generated ones are fine)."""
     if name in EXTERNAL:
         path = root / EXTERNAL[name]
-        if name == "imagenet":
+        if name in IMAGEFOLDERS:
             ok = (path / "train").is_dir() and (path / "val").is_dir()
         else:
             ok = path.is_dir()
@@ -118,33 +123,36 @@ def ensure_digits(root: Path) -> Path:
     return path
 
 
-def build_datasets(name: str, root: Path, resolution: int, eval_crop: float = 0.875):
+def build_datasets(name: str, root: Path, resolution: int, eval_crop: float = 0.875,
+                   eval_resolution: int | None = None):
     """(train, val) torchvision datasets yielding (CHW float tensor, label). ImageNet evaluation resizes to
-    ``resolution / eval_crop`` and centre-crops ``resolution`` (256 -> 224, as the official code)."""
+    ``eval_resolution / eval_crop`` and centre-crops ``eval_resolution`` (default: ``resolution``; 256 -> 224, as
+    the official code); the other datasets evaluate at ``eval_resolution`` too."""
+    eval_resolution = eval_resolution or resolution
     from torchvision import datasets, transforms
 
     normalize = transforms.Normalize(MEAN, STD)
     check_dataset(name, root)
-    if name == "imagenet":
+    if name in IMAGEFOLDERS:
         train_tf = transforms.Compose([transforms.RandomResizedCrop(resolution), transforms.RandomHorizontalFlip(),
                                        transforms.ToTensor(), normalize])
-        val_tf = transforms.Compose([transforms.Resize(round(resolution / eval_crop)),
-                                     transforms.CenterCrop(resolution), transforms.ToTensor(), normalize])
+        val_tf = transforms.Compose([transforms.Resize(round(eval_resolution / eval_crop)),
+                                     transforms.CenterCrop(eval_resolution), transforms.ToTensor(), normalize])
         base = root / EXTERNAL[name]
         return datasets.ImageFolder(base / "train", train_tf), datasets.ImageFolder(base / "val", val_tf)
     if name in ("cifar10", "cifar100"):
         train_tf = transforms.Compose([transforms.Resize(resolution), transforms.RandomCrop(resolution, resolution // 8),
                                        transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
-        val_tf = transforms.Compose([transforms.Resize(resolution), transforms.ToTensor(), normalize])
+        val_tf = transforms.Compose([transforms.Resize(eval_resolution), transforms.ToTensor(), normalize])
         base = root / EXTERNAL[name]
         return CifarPickles(base, name, True, train_tf), CifarPickles(base, name, False, val_tf)
+    tf, val_tf = (transforms.Compose([transforms.Resize(r), transforms.ToTensor(), normalize])
+                  for r in (resolution, eval_resolution))
     if name in GENERATED_CIFAR:
-        tf = transforms.Compose([transforms.Resize(resolution), transforms.ToTensor(), normalize])
         base = ensure_cifar_copy(name, root)
-        return CifarPickles(base, "cifar100", True, tf), CifarPickles(base, "cifar100", False, tf)
+        return CifarPickles(base, "cifar100", True, tf), CifarPickles(base, "cifar100", False, val_tf)
     path = ensure_synthetic(root) if name == "synthetic" else ensure_digits(root)
-    tf = transforms.Compose([transforms.Resize(resolution), transforms.ToTensor(), normalize])
-    return datasets.ImageFolder(path / "train", tf), datasets.ImageFolder(path / "val", tf)
+    return datasets.ImageFolder(path / "train", tf), datasets.ImageFolder(path / "val", val_tf)
 
 
 class CifarPickles:

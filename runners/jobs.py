@@ -108,8 +108,6 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
     from backbones import resolve_variant
     from .data import NUM_CLASSES
 
-    recipe = table.recipes[scale].following(follow)
-    batches = batch_plan(recipe, devices)
     rows = [table.row(name) for name in only] if only else list(table.rows)
     costs = {"train_memory", "time_per_batch", "train_speed", "max_batch_size"} & set(table.metrics)
 
@@ -118,12 +116,8 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
 
     jobs = []
     for row in rows:
-        if (row.rep == "repopt") != (row.scales is not None):
-            raise ValueError(f"{table.key} / {row.name}: rep 'repopt' rows, and only they, say where their scales "
-                             "come from (Row.scales)")
-        if row.optimizer is not None and row.optimizer not in suites.OPTIMIZERS:
-            raise ValueError(f"{table.key} / {row.name}: unknown optimizer {row.optimizer!r}; expected one of "
-                             f"{suites.OPTIMIZERS}")
+        recipe = table.recipe(scale, row).following(follow)
+        batches = batch_plan(recipe, devices)
         scales = None
         if row.scales is not None:
             scales = row.scales.as_dict()
@@ -224,8 +218,17 @@ def _ranges(cpus: list[int]) -> str:
     return ",".join(parts)
 
 
+def sha256_of(path: Path) -> str:
+    """The file's sha256, read in 1 MiB chunks (checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    return sha256_of(path) if path.exists() else None
 
 
 def execute(job: Job, slurm_job_id: str | None = None) -> str:
@@ -472,7 +475,7 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> O
     from backbones import deploy, save_checkpoint
     from backbones.repopt import csla_blocks, save_scales, scales_of
     from . import probes
-    from .train import Diverged, Preempted, checkpoints_in, sha256_of, train_classifier
+    from .train import Diverged, Preempted, checkpoints_in, train_classifier
 
     c = job.config
     run_dir = job.run_dir

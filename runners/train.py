@@ -19,7 +19,6 @@ epoch/iteration, RNG states and the sampler position. A non-finite loss stops th
 
 from __future__ import annotations
 
-import hashlib
 import math
 import multiprocessing as mp
 import os
@@ -44,6 +43,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 import backbones.mm  # noqa: F401 - repbench's RepOptimizers in MMEngine's registries (scope repbench)
 from .data import build_datasets
+from .jobs import sha256_of
 from .launch import DistEnv, loader_settings
 
 STATE_FORMAT = "repbench-train-state-v1"
@@ -147,14 +147,6 @@ class TrainResult:
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _atomic_save(obj, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -376,7 +368,8 @@ def optim_wrapper_cfg(recipe, grad_accum: int = 1, repoptimizer: bool = False, o
     ``recipe.decay_1d=False``: no 1-D parameter decayed (RepOptimizers' code). ``repoptimizer``: the RepOptimizer
     (SGD with the Grad Mults of the model's RepOpt blocks, backbones/repopt.py) through its MMEngine constructor,
     which refuses gradient clipping. ``optimizer``: a row's adaptive optimizer instead of SGD (suites.OPTIMIZERS:
-    torch's defaults, ``recipe.adaptive_lr``, the recipe's weight decay and paramwise rules)."""
+    torch's defaults, ``recipe.adaptive_lr``, the recipe's weight decay and paramwise rules); with ``repoptimizer``
+    only ``adamw`` (the RepOptimizer's AdamW form, Grad Mults of power 1)."""
     paramwise = dict(norm_decay_mult=0.0, bias_decay_mult=0.0)
     if not recipe.decay_1d:
         paramwise["flat_decay_mult"] = 0.0
@@ -387,9 +380,10 @@ def optim_wrapper_cfg(recipe, grad_accum: int = 1, repoptimizer: bool = False, o
     if optimizer not in (None, "sgd", *ADAPTIVE):
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of sgd, {', '.join(ADAPTIVE)}")
     if optimizer in ADAPTIVE:
-        if repoptimizer:
-            raise ValueError("the RepOptimizer is SGD here; a row names either it or another optimizer")
-        settings = dict(type=ADAPTIVE[optimizer], lr=recipe.adaptive_lr, weight_decay=recipe.weight_decay)
+        if repoptimizer and optimizer != "adamw":
+            raise ValueError(f"the RepOptimizer is SGD or AdamW, not {optimizer}")
+        settings = dict(type="repbench.RepOptimizerAdamW" if repoptimizer else ADAPTIVE[optimizer],
+                        lr=recipe.adaptive_lr, weight_decay=recipe.weight_decay)
     else:
         settings = dict(type="repbench.RepOptimizerSGD" if repoptimizer else "SGD", lr=recipe.lr,
                         momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
@@ -417,7 +411,8 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
     """
     dist = dist or DistEnv()
     log = log if (log and dist.is_main) else (lambda line: None)
-    train_set, val_set = build_datasets(recipe.dataset, data_root, recipe.resolution, recipe.eval_crop)
+    train_set, val_set = build_datasets(recipe.dataset, data_root, recipe.resolution, recipe.eval_crop,
+                                        recipe.eval_resolution)
     global_batch = recipe.batch * dist.world_size * grad_accum
     if recipe.max_iters is not None:  # smoke: a couple of batches are enough to check the plumbing
         train_set = Subset(train_set, range(min(len(train_set), global_batch * recipe.max_iters)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as fields_of
 
 SCALES = ("smoke", "mini", "paper")
 
@@ -151,6 +152,21 @@ class Row:
     paper: dict[str, PaperValue] = field(default_factory=dict)
     scales: Scales | None = None  # rep "repopt": where its constants come from
     optimizer: str | None = None  # one of OPTIMIZERS where a table compares optimizers (None: the recipe's SGD)
+    # Where this row's recipe departs from its table's, per scale: {scale: {Recipe field: value}} (e.g. RepOptimizers
+    # Table 5's Caltech256 target, Table 3's per-row resolutions). Table.recipe(scale, row) applies them.
+    recipe: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if (self.rep == "repopt") != (self.scales is not None):
+            raise ValueError(f"{self.name}: rep 'repopt' rows, and only they, say where their scales come from "
+                             "(Row.scales)")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"{self.name}: unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        if self.optimizer not in (None, "sgd", "adamw") and self.scales is not None and self.scales.grad_mult:
+            raise ValueError(f"{self.name}: the RepOptimizer is SGD or AdamW, not {self.optimizer}")
+        unknown = {k for fields in self.recipe.values() for k in fields} - {f.name for f in fields_of(Recipe)}
+        if unknown:
+            raise ValueError(f"{self.name}: unknown recipe fields {sorted(unknown)}")
 
 
 # Optimizers a row may name (RepOptimizers Table 4). The adaptive ones run with torch's defaults except the learning
@@ -193,6 +209,7 @@ class Recipe:
     decay_1d: bool = True        # weight decay on 1-D parameters other than biases and BN (OREPA's scaling vectors:
     #                              decayed; RepOptimizers' code decays no 1-D parameter: False)
     eval_crop: float = 0.875     # ImageNet evaluation: resize to resolution / eval_crop, centre-crop (224 of 256)
+    eval_resolution: int | None = None  # ... at this resolution instead of the training one (RepOpt Table 3's 224/320)
     checkpoints: bool = True     # a checkpoint per epoch and on SIGTERM/SIGUSR2 (smoke and cost-only runs: none)
     paper_text: tuple[tuple[str, object], ...] = ()  # overrides that follow the paper's text instead of the code
     follows: str = "code"        # "code" or "paper": which of the two this recipe is
@@ -217,6 +234,10 @@ class Recipe:
     def global_batch(self) -> int:
         return self.batch * self.devices
 
+    @property
+    def test_resolution(self) -> int:
+        return self.eval_resolution or self.resolution
+
     def following(self, source: str) -> "Recipe":
         """This recipe as the official code runs it (``code``) or as the paper's text describes it (``paper``)."""
         if source not in ("code", "paper"):
@@ -235,8 +256,8 @@ class Recipe:
                                 f"{'scaling vectors decayed' if self.decay_1d else 'no 1-D parameter decayed'})",
                 "label smoothing": f"{self.label_smoothing:g}", "nesterov": self.nesterov,
                 "grad clip": f"L2 norm {self.clip_grad:g}" if self.clip_grad else "none",
-                "eval": f"resize {round(self.resolution / self.eval_crop)} + centre crop {self.resolution}"
-                        if self.dataset == "imagenet" else f"resize {self.resolution}",
+                "eval": f"resize {round(self.test_resolution / self.eval_crop)} + centre crop {self.test_resolution}"
+                        if self.dataset in ("imagenet", "caltech256") else f"resize {self.test_resolution}",
                 "checkpoints": "every epoch + on SIGTERM/SIGUSR2" if self.checkpoints else "none"}
 
     def as_dict(self) -> dict:
@@ -287,6 +308,10 @@ class Table:
     def __post_init__(self):
         if self.num_classes and any(r.train_accuracy for r in self.recipes.values()):
             raise ValueError(f"{self.paper}.{self.name}: a fixed head size is for tables that train nothing")
+        for row in self.rows:
+            if set(row.recipe) - set(self.recipes):
+                raise ValueError(f"{self.paper}.{self.name} / {row.name}: recipe departures for scales the table "
+                                 f"does not run: {sorted(set(row.recipe) - set(self.recipes))}")
 
     @property
     def key(self) -> str:
@@ -304,3 +329,8 @@ class Table:
 
     def baseline_of(self, row: Row) -> str | None:
         return self.baselines.get(row.group)
+
+    def recipe(self, scale: str, row: Row | None = None) -> Recipe:
+        """The recipe ``row`` trains with at ``scale``: the table's, with the row's own departures (Row.recipe)."""
+        recipe = self.recipes[scale]
+        return replace(recipe, **row.recipe.get(scale, {})) if row is not None else recipe

@@ -12,7 +12,8 @@ from conftest import TOLERANCE, randomize, rel_err
 
 REPOPT = ("csla", "hs", "repopt")  # RepOptimizers' reps: swept on one small RepVGG (RepOpt-VGG's sizes: Table 1 test)
 ALL = [(arch, rep) for arch, spec in ARCHS.items() for rep in FAMILY_REPS[spec.family]
-       if not arch.startswith("repoptvgg") and (rep not in REPOPT or arch == "repvgg_a0")]
+       if spec.family != "torchvision" and not arch.startswith("repoptvgg") and (rep not in REPOPT or
+                                                                                 arch == "repvgg_a0")]
 
 
 def conv(cin, cout, k, groups=1):
@@ -280,3 +281,51 @@ def test_orepa_variant_applies_to_every_block_it_concerns(arch, preset):
     assert (seen[OREPADeepStem] == 1) == config.deep_stem
     assert isinstance(model.stem, OREPADeepStem if config.deep_stem else ConvBN)
     assert seen[OREPA] > 0
+
+
+# torchvision's documented parameter counts (the weights' meta "num_params"): VGG-16 with BN, VGG-16 without, and
+# EfficientNet-B2 (ImageNet heads).
+TORCHVISION_PARAMS = {"vgg16_bn": 138_365_992, "vgg16": 138_357_544, "efficientnet_b2": 9_109_994}
+
+
+def test_torchvision_networks_deploy_with_every_bn_folded():
+    """RepOptimizers Table 3's plain rows: torchvision's model, its conv-BN pairs as ConvBN blocks. The training form
+    has torchvision's documented parameter count; the deployed VGG-16 (BN folded into convs that have a bias) has
+    exactly the documented count of VGG-16 without BN, the deployed EfficientNet-B2 loses one weight and one bias per
+    BN and gains one bias per conv (which had none)."""
+    import torchvision
+    from backbones.blocks import ConvBN
+    vgg = build_classifier("vgg16", "none")
+    assert n_params(vgg) == TORCHVISION_PARAMS["vgg16_bn"]
+    assert n_params(deploy(vgg)) == TORCHVISION_PARAMS["vgg16"] and form_of(vgg) == "deploy"
+    eff = build_classifier("efficientnet_b2", "none")
+    assert n_params(eff) == TORCHVISION_PARAMS["efficientnet_b2"]
+    bns = [b.bn.num_features for b in eff.modules() if isinstance(b, ConvBN)]
+    plain_bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in torchvision.models.efficientnet_b2().modules())
+    assert len(bns) == plain_bns  # every BN of EfficientNet follows a conv: all are folded
+    assert n_params(deploy(eff)) == TORCHVISION_PARAMS["efficientnet_b2"] - sum(bns)
+    with pytest.raises(ValueError, match="no headless"):
+        build_classifier("efficientnet_b2", "none", num_classes=0)
+    with pytest.raises(ValueError, match="not defined"):
+        build_classifier("vgg16", "repvgg")
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "efficientnet_b3"])
+def test_torchvision_network_train_equals_deploy(arch, dtype):
+    torch.manual_seed(0)
+    check_network(build_classifier(arch, "none", num_classes=10), dtype, size=64)
+
+
+def test_repopt_vgg_with_se_deploys_exactly_and_adds_one_se_per_3x3_conv(dtype):
+    """RepOpt-VGG-L2† (RepOptimizers Table 3): an SE block (squeeze to a quarter) after every 3x3 conv's ReLU, stem
+    included; the target's kernels re-initialised from an HS model's scales; deploy exact; the SE blocks add
+    sum over convs of c*(c/4)*2 + c/4 + c parameters."""
+    from backbones.repopt import reinitialize, scales_of
+    torch.manual_seed(2)
+    model = build_classifier("repvgg_a0", "repopt", 10, {"se": True})
+    reinitialize(model, scales_of(randomize(build_classifier("repvgg_a0", "hs", 10))))
+    check_network(model, dtype)
+    plain = deploy(build_classifier("repvgg_a0", "repopt", 10))
+    widths = [m.out_channels for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(widths) == 22  # RepVGG-A0: stem + 2 + 4 + 14 + 1
+    assert n_params(model) - n_params(plain) == sum(2 * c * (c // 4) + c // 4 + c for c in widths)

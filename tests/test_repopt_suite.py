@@ -84,9 +84,11 @@ def test_repopt_tables_are_declared_as_printed():
     assert row.paper["top1"].text == "78.47±0.03" and row.paper["train_speed"].text == "380"
     assert t2.row("RepVGG-L2").paper["top1"].text == "80.52±0.05" and t2.baseline_of(row) == "RepVGG-B1"
     assert {r.scales.how for r in t4.rows if r.scales} == {"searched", "ones", "hs_init", "channel_mean"}
-    assert [r.paper["top1"].text for r in t4.rows] == ["76.91", "76.72", "76.14", "75.03", "74.69", "78.47", "77.42",
-                                                       "77.07", "77.59", "77.71", "77.40"]
+    assert [r.paper["top1"].text for r in t4.rows if r.paper] == [
+        "76.91", "76.72", "76.14", "75.03", "74.69", "78.47", "77.42", "77.07", "77.59", "77.71", "77.40"]
     assert [r.optimizer for r in t4.rows[:5]] == [None, "rmsprop", "adam", "adamw", "adafactor"]
+    ours = t4.row("RepOptimizer (AdamW, ours) / Hyper-Search / init+grad")  # not in the paper: no printed value
+    assert not ours.paper and ours.optimizer == "adamw" and ours.scales.grad_mult
     for table in (t2, t4):  # one recipe per table, and never clipping where a RepOptimizer trains
         assert all(r.clip_grad is None for r in table.recipes.values())
     assert hs.recipes["paper"].dataset == "cifar100" and hs.recipes["mini"].dataset == "digits_cifar"
@@ -96,8 +98,25 @@ def test_repopt_tables_are_declared_as_printed():
     assert [hs.row(r.scales.row).paper["top1"].text for r in t6.rows] == ["54.53", "70.66", "74.37"]
     assert [(r.paper["top1"].text, hs.row(r.scales.row).paper["top1"].text) for r in t9.rows] == [
         ("77.59", "47.70"), ("78.47", "54.53")]
+    t3, t5 = suites.get_table("repopt.table3"), suites.get_table("repopt.table5")
+    b4 = t3.recipe("paper", t3.row("EfficientNet-B4"))
+    assert (b4.epochs, b4.resolution, b4.test_resolution, b4.throughput_batch) == (300, 380, 380, 64)
+    dagger = t3.row("RepOpt-VGG-L2†")
+    d = t3.recipe("paper", dagger)
+    assert (d.epochs, d.resolution, d.test_resolution, d.cost_resolution) == (200, 224, 320, 320)
+    assert dagger.variant == {"se": True} and dagger.scales.row == "RepOpt-VGG-L2 HS"
+    assert t3.row("EfficientNet-B2").paper["top1"].text == "76.29 (79.8)" and t3.recipe("smoke", dagger).epochs == 1
+    assert [(r.paper["top1"].text, t5.recipe("paper", r).dataset, hs.recipe("paper", hs.row(r.scales.row)).dataset)
+            for r in t5.rows] == [
+        ("78.47", "imagenet", "cifar100"), ("78.43", "imagenet", "imagenet"), ("78.19", "imagenet", "caltech256"),
+        ("67.46", "caltech256", "cifar100"), ("67.55", "caltech256", "imagenet"),
+        ("67.42", "caltech256", "caltech256")]
+    caltech = t5.recipe("paper", t5.rows[-1])  # "the same settings as CIFAR-100" (no clipping: a RepOpt target)
+    assert (caltech.epochs, caltech.lr, caltech.warmup_epochs, caltech.clip_grad) == (240, 0.1, 10.0, None)
+    assert hs.recipe("paper", hs.row("RepOpt-VGG-B1 HS on ImageNet")) == suites.get_table("repopt.table2").recipes[
+        "paper"]  # ImageNet search = ImageNet training settings
     declared = {k: t for k, t in suites.TABLES.items() if k.startswith("repopt.") and not t.recipes}
-    assert set(declared) == {f"repopt.table{n}" for n in (3, 5, 7, 8, 10, 11, 12)}
+    assert set(declared) == {f"repopt.table{n}" for n in (7, 8, 10, 11, 12)}
     assert declared["repopt.table7"].runner == "dense"
     assert declared["repopt.table10"].row("RepVGG-1").paper["top1_qat"].text == "N/A"
     assert declared["repopt.table11"].row("RepVGG-B1 / after branch addition").paper["kernel_std_central"].text \
@@ -178,10 +197,34 @@ def test_a_row_names_its_optimizer(name, cls):
     assert type(optimizer).__name__ == cls and optimizer.defaults["lr"] == recipe.adaptive_lr
     decays = {group["weight_decay"] for group in optimizer.param_groups}
     assert decays == {0.0, recipe.weight_decay}
-    with pytest.raises(ValueError, match="either it or another"):
-        optim_wrapper_cfg(recipe, 1, repoptimizer=True, optimizer=name)
+    if name == "adamw":  # the RepOptimizer's AdamW form: Grad Mults of power 1 from the model's RepOpt blocks
+        from backbones.repopt import reinitialize, scales_of
+        target = RepVGG(config=resolve_variant("repopt"), **ARCH)
+        reinitialize(target, scales_of(RepVGG(config=resolve_variant("hs"), **ARCH)))
+        rep = build_optim_wrapper(target, optim_wrapper_cfg(recipe, 1, repoptimizer=True, optimizer=name)).optimizer
+        assert type(rep).__name__ == "RepOptimizerAdamW" and rep.power == 1 and rep.grad_mults
+        assert rep.defaults["lr"] == recipe.adaptive_lr
+    else:
+        with pytest.raises(ValueError, match="SGD or AdamW"):
+            optim_wrapper_cfg(recipe, 1, repoptimizer=True, optimizer=name)
     with pytest.raises(ValueError, match="unknown optimizer"):
         optim_wrapper_cfg(recipe, 1, optimizer="lamb")
+
+
+def test_a_row_that_contradicts_itself_fails_at_its_declaration():
+    """A bad row is a ValueError where the table is written (import time), not when a plan meets it."""
+    from suites import Row, Scales
+    with pytest.raises(ValueError, match="say where their scales"):
+        Row("x", "repoptvgg_b1", "repopt")
+    with pytest.raises(ValueError, match="say where their scales"):
+        Row("x", "repoptvgg_b1", "repvgg", scales=Scales(how="ones"))
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        Row("x", "repoptvgg_b1", "none", optimizer="lamb")
+    with pytest.raises(ValueError, match="SGD or AdamW"):
+        Row("x", "repoptvgg_b1", "repopt", scales=Scales(how="ones"), optimizer="adam")
+    with pytest.raises(ValueError, match="unknown recipe fields"):
+        Row("x", "repoptvgg_b1", "none", recipe={"mini": {"learning_rate": 1.0}})
+    Row("x", "repoptvgg_b1", "repopt", scales=Scales(how="ones", grad_mult=False), optimizer="adam")  # plain Adam
 
 
 def test_hs_variants_build_the_stride_and_initialisation_models_of_tables_6_and_9():
@@ -281,3 +324,73 @@ def test_table4_smoke_runs_every_optimizer_and_ablation(tmp_path):
     assert params[("RepOptimizer / Hyper-Search / grad only", "scales.reinit")] is False
     assert params[("RepOptimizer / Hyper-Search / init only", "scales.grad_mult")] is False
     assert params[("Adafactor", "optimizer")] == "adafactor" and ("SGD", "optimizer") not in params
+    ours = "RepOptimizer (AdamW, ours) / Hyper-Search / init+grad"  # the RepOptimizer's AdamW form
+    assert params[(ours, "optimizer")] == "adamw" and params[(ours, "scales.grad_mult")] is True
+
+
+def test_table3_smoke_measures_a_torchvision_row_beside_its_printed_values(tmp_path):
+    """repopt.table3 at smoke, its EfficientNet-B2 row (torchvision's model): trained one step, its deployed form
+    counted and timed (throughput at the recipe's throughput batch), the printed values beside them."""
+    from test_cli import run_cli
+    from backbones import build_classifier, deploy
+    from runners.probes import count_params
+    db = tmp_path / "r.sqlite"
+    done = run_cli("repopt.table3", "--only", "EfficientNet-B2", "--db", f"sqlite:///{db}", "--data-root",
+                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        values = {name: (value, batch) for name, value, batch in c.execute("SELECT name, value, batch FROM metrics")}
+    recipe = suites.get_table("repopt.table3").recipes["smoke"]
+    assert values["throughput"][0] > 0 and values["throughput"][1] == recipe.throughput_batch
+    assert values["params_deploy"][0] == count_params(deploy(build_classifier("efficientnet_b2", "none", 4)))
+    assert "top1" in values
+    assert run_cli("report", "repopt.table3", "--db", f"sqlite:///{db}", "--out", str(tmp_path / "out"),
+                   cwd=tmp_path).returncode == 0
+    text = (tmp_path / "out" / "repopt.table3.md").read_text()
+    assert "| EfficientNet-B2 | finished | 76.29 (79.8) |" in text and "| RepOpt-VGG-L2† | not run | 83.13 |" in text
+
+
+def test_table5_searches_on_another_dataset_and_its_target_reads_that_search(tmp_path):
+    """repopt.table5 at smoke, its Caltech256-searched Caltech256 row: the Hyper-Search row "on Caltech256" (a recipe
+    of its own: ImageFolder data, no CIFAR pickles) runs first and its scales are the target's recorded input; the
+    Hyper-Search report names what that row's recipe changes."""
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    row = "Caltech256 / searched on Caltech256"
+    done = run_cli("repopt.table5", "--only", row, "--db", f"sqlite:///{db}", "--data-root", str(tmp_path / "data"),
+                   "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        runs = dict(c.execute("SELECT row_name, id FROM runs").fetchall())
+        files = {(run, kind): sha for run, kind, sha in c.execute("SELECT run_id, kind, sha256 FROM artifacts")}
+        datasets = dict(c.execute("SELECT row_name, value FROM params JOIN runs ON runs.id = run_id "
+                                  "WHERE key = 'recipe.dataset'").fetchall())
+    assert set(runs) == {"RepOpt-VGG-B1 HS on Caltech256", row}
+    assert files[(runs[row], "input_scales")] == files[(runs["RepOpt-VGG-B1 HS on Caltech256"], "scales")]
+    assert {json.loads(v) for v in datasets.values()} == {"synthetic"}  # smoke: the generated ImageFolder
+    assert not (tmp_path / "data" / "synthetic_cifar").exists()
+    assert run_cli("report", "repopt.hs", "--db", f"sqlite:///{db}", "--out", str(tmp_path / "out"),
+                   cwd=tmp_path).returncode == 0
+    text = (tmp_path / "out" / "repopt.hs.md").read_text()
+    assert "Rows with a recipe of their own: RepOpt-VGG-B1 HS on ImageNet: dataset synthetic" in text
+    # at paper scale the search and the target read <data-root>/caltech256: without it, one line and exit 2
+    missing = run_cli("repopt.table5", "--scale", "paper", "--only", row, "--data-root", str(tmp_path / "data"),
+                      "--db", f"sqlite:///{tmp_path / 'p.sqlite'}", cwd=tmp_path)
+    assert missing.returncode == 2 and "caltech256 not found" in missing.stderr
+    assert not (tmp_path / "p.sqlite").exists()
+
+
+def test_caltech256_is_an_imagefolder_evaluated_at_its_own_resolution(tmp_path):
+    """<data-root>/caltech256/{train,val}: read as ImageNet is (random resized crop for training; resize and centre
+    crop for evaluation, at the recipe's test resolution when it has one)."""
+    from PIL import Image
+    from runners.data import DatasetMissing, build_datasets
+    with pytest.raises(DatasetMissing, match="caltech256 not found"):
+        build_datasets("caltech256", tmp_path, 32)
+    for split in ("train", "val"):
+        for label in ("001.ak47", "257.clutter"):
+            (tmp_path / "caltech256" / split / label).mkdir(parents=True)
+            Image.new("L", (90, 60), 128).save(tmp_path / "caltech256" / split / label / "0001.jpg")  # grey
+    train, val = build_datasets("caltech256", tmp_path, 32, eval_resolution=48)
+    assert train.classes == ["001.ak47", "257.clutter"] and len(val) == 2
+    assert train[0][0].shape == (3, 32, 32) and val[0][0].shape == (3, 48, 48)
