@@ -155,9 +155,10 @@ def _validated_run(args):
         raise BadInput("--seeds must be >= 1")
     if args.devices < 1:
         raise BadInput("--devices must be >= 1")
-    from runners.jobs import batch_plan
+    from runners.jobs import batch_plan, row_recipe
     rows = [table.row(name) for name in args.only] if args.only else table.rows
-    recipes = {row.name: table.recipe(args.scale, row).following(args.follow) for row in rows}
+    data_root = resolve_data_root(args.data_root)
+    recipes = {row.name: row_recipe(table, args.scale, row, args.follow, data_root) for row in rows}
     try:
         for recipe in dict.fromkeys(recipes.values()):
             batch_plan(recipe, args.devices)
@@ -182,7 +183,6 @@ def _validated_run(args):
             slurm_parameters(table.resources[args.scale], args.devices, site, "check")
         except ValueError as e:
             raise BadInput(str(e)) from None
-    data_root = resolve_data_root(args.data_root)
     if data_root.exists() and not data_root.is_dir():
         raise BadInput(f"--data-root {data_root} is not a directory")
     # the data of every row, and of the runs the rows consume (RepOpt rows: their Hyper-Search)
@@ -190,7 +190,7 @@ def _validated_run(args):
     for row in rows:
         if row.scales is not None and row.scales.upstream and args.scales is None:
             source = _table(row.scales.table)
-            needed.append(source.recipe(args.scale, source.row(row.scales.row)).dataset)
+            needed.append(row_recipe(source, args.scale, source.row(row.scales.row), args.follow, data_root).dataset)
     needed = list(dict.fromkeys(needed))
     if not data_root.exists() and set(needed) - set(EXTERNAL):  # external data: check_dataset says it is missing
         ancestor = next(p for p in data_root.absolute().parents if p.exists())
@@ -457,29 +457,29 @@ def _plan_view(table, args, jobs, done: dict[str, str] | None = None) -> RichTab
     done = done or {}
     from runners.data import TRAIN_IMAGES
     recipe = table.recipes[args.scale].following(args.follow)
-    c = jobs[0].config if jobs else {}
+    from runners.jobs import batch_plan
+    c = batch_plan(recipe, args.devices)
     switches = "; ".join(f"{k}: {v}" for k, v in recipe.switches().items())
     view = RichTable(title=f"plan: {table.key} at {args.scale} ({len(jobs) - len(done)} of {len(jobs)} runs to do, "
                            f"{len(done)} already done; nothing written)\n"
-                           f"devices {c.get('world_size')} (paper: {recipe.devices}), per-device batch "
+                           f"the table's recipe (a row's own departures: its columns): devices {c.get('world_size')} (paper: {recipe.devices}), per-device batch "
                            f"{recipe.batch}, grad accumulation {c.get('grad_accum')}, global batch "
                            f"{c.get('global_batch')} (paper: {recipe.global_batch}), lr {recipe.lr:g}, "
                            f"{recipe.epochs} epoch(s), {recipe.dataset} {recipe.resolution}px\n{switches}",
                      title_justify="left")
-    for column in ("row", "seed", "arch", "rep", "data", "steps", "device-hours (est., paper GPUs)", "run key",
-                   "in database"):
-        view.add_column(column)
+    for column in ("row", "seed", "arch / rep", "data", "global batch, lr", "steps", "device-hours (est.)",
+                   "run key", "in database"):
+        view.add_column(column, no_wrap=column in ("run key", "in database"))
     for job in jobs:  # each run's own recipe: a row's departures, an upstream Hyper-Search run's table
-        source = _table(job.spec.table_name)
-        recipe = source.recipe(args.scale, source.row(job.spec.row_name)).following(args.follow)
+        recipe = suites.Recipe.from_dict(job.config["recipe"])
         images = TRAIN_IMAGES.get(recipe.dataset)
         steps = recipe.epochs * (images // recipe.global_batch) if images and recipe.train_accuracy else None
         if recipe.max_iters is not None and steps is not None:
             steps = min(steps, recipe.max_iters)
-        view.add_row(job.spec.row_name, str(job.spec.seed), job.config["arch"], job.config["rep"],
+        view.add_row(job.spec.row_name, str(job.spec.seed), f"{job.config['arch']} / {job.config['rep']}",
                      f"{recipe.dataset} {recipe.resolution}px"
                      + (f" (test {recipe.test_resolution}px)" if recipe.test_resolution != recipe.resolution else ""),
-                     str(steps) if steps else "-",
+                     f"{job.config['global_batch']}, {job.config['lr']:g}", str(steps) if steps else "-",
                      _device_hours(table, job, recipe, steps), job.spec.run_key[:12],
                      f"{done[job.spec.run_key]}: skipped" if job.spec.run_key in done else "to do")
     return view

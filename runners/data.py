@@ -124,18 +124,20 @@ def ensure_digits(root: Path) -> Path:
 
 
 def build_datasets(name: str, root: Path, resolution: int, eval_crop: float = 0.875,
-                   eval_resolution: int | None = None):
+                   eval_resolution: int | None = None, randaugment: int | None = None):
     """(train, val) torchvision datasets yielding (CHW float tensor, label). ImageNet evaluation resizes to
     ``eval_resolution / eval_crop`` and centre-crops ``eval_resolution`` (default: ``resolution``; 256 -> 224, as
-    the official code); the other datasets evaluate at ``eval_resolution`` too."""
+    the official code); the other datasets evaluate at ``eval_resolution`` too. ``randaugment``: ImageNet-style
+    training adds torchvision's RandAugment (2 ops, this magnitude of 31 bins) after the crop and flip."""
     eval_resolution = eval_resolution or resolution
     from torchvision import datasets, transforms
 
     normalize = transforms.Normalize(MEAN, STD)
     check_dataset(name, root)
     if name in IMAGEFOLDERS:
+        augment = [transforms.RandAugment(2, randaugment, 31)] if randaugment else []
         train_tf = transforms.Compose([transforms.RandomResizedCrop(resolution), transforms.RandomHorizontalFlip(),
-                                       transforms.ToTensor(), normalize])
+                                       *augment, transforms.ToTensor(), normalize])
         val_tf = transforms.Compose([transforms.Resize(round(eval_resolution / eval_crop)),
                                      transforms.CenterCrop(eval_resolution), transforms.ToTensor(), normalize])
         base = root / EXTERNAL[name]

@@ -15,7 +15,7 @@ import sys
 import subprocess
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from results import LeaseLost, MetricRecord, RunSpec, Store, error_reason, mask_url
@@ -98,6 +98,24 @@ def batch_plan(recipe, devices: int) -> dict:
             "paper_devices": recipe.devices, "paper_global_batch": recipe.global_batch}
 
 
+def row_recipe(table, scale: str, row, follow: str, data_root) -> "suites.Recipe":
+    """The recipe ``row`` of ``table`` runs with: the table's, the row's departures (Row.recipe), the code's or the
+    paper text's choices (``follow``); at mini scale, the paper's own dataset instead of the digits stand-in where
+    ``data_root`` holds it (CIFAR-100, ImageNet, Caltech256; the mini recipe otherwise unchanged, recorded in the run's
+    config as every recipe field is)."""
+    from .data import EXTERNAL, DatasetMissing, check_dataset
+    recipe = table.recipe(scale, row).following(follow)
+    if scale == "mini" and "paper" in table.recipes:
+        real = table.recipe("paper", row).dataset
+        if real in EXTERNAL:
+            try:
+                check_dataset(real, Path(data_root))
+            except DatasetMissing:
+                return recipe
+            return replace(recipe, dataset=real)
+    return recipe
+
+
 def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, db_url: str,
          executor: str = "local", devices: int = 1, follow: str = "code", artifacts_root: str | None = None,
          fresh: bool = False, since_ms: int | None = None, scales_file: str | None = None) -> list[Job]:
@@ -116,7 +134,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
 
     jobs = []
     for row in rows:
-        recipe = table.recipe(scale, row).following(follow)
+        recipe = row_recipe(table, scale, row, follow, data_root)
         batches = batch_plan(recipe, devices)
         scales = None
         if row.scales is not None:

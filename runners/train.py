@@ -412,7 +412,7 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
     dist = dist or DistEnv()
     log = log if (log and dist.is_main) else (lambda line: None)
     train_set, val_set = build_datasets(recipe.dataset, data_root, recipe.resolution, recipe.eval_crop,
-                                        recipe.eval_resolution)
+                                        recipe.eval_resolution, recipe.randaugment)
     global_batch = recipe.batch * dist.world_size * grad_accum
     if recipe.max_iters is not None:  # smoke: a couple of batches are enough to check the plumbing
         train_set = Subset(train_set, range(min(len(train_set), global_batch * recipe.max_iters)))

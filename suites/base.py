@@ -210,6 +210,8 @@ class Recipe:
     #                              decayed; RepOptimizers' code decays no 1-D parameter: False)
     eval_crop: float = 0.875     # ImageNet evaluation: resize to resolution / eval_crop, centre-crop (224 of 256)
     eval_resolution: int | None = None  # ... at this resolution instead of the training one (RepOpt Table 3's 224/320)
+    randaugment: int | None = None  # ImageFolder training: torchvision's RandAugment (2 ops) at this magnitude of 31
+    #                                 bins after the crop and flip (None: none); RepOptimizers' target: 15
     checkpoints: bool = True     # a checkpoint per epoch and on SIGTERM/SIGUSR2 (smoke and cost-only runs: none)
     paper_text: tuple[tuple[str, object], ...] = ()  # overrides that follow the paper's text instead of the code
     follows: str = "code"        # "code" or "paper": which of the two this recipe is
@@ -256,6 +258,7 @@ class Recipe:
                                 f"{'scaling vectors decayed' if self.decay_1d else 'no 1-D parameter decayed'})",
                 "label smoothing": f"{self.label_smoothing:g}", "nesterov": self.nesterov,
                 "grad clip": f"L2 norm {self.clip_grad:g}" if self.clip_grad else "none",
+                "randaugment": f"torchvision, 2 ops, magnitude {self.randaugment}/30" if self.randaugment else "none",
                 "eval": f"resize {round(self.test_resolution / self.eval_crop)} + centre crop {self.test_resolution}"
                         if self.dataset in ("imagenet", "caltech256") else f"resize {self.test_resolution}",
                 "checkpoints": "every epoch + on SIGTERM/SIGUSR2" if self.checkpoints else "none"}

@@ -98,6 +98,12 @@ def test_repopt_tables_are_declared_as_printed():
     assert [hs.row(r.scales.row).paper["top1"].text for r in t6.rows] == ["54.53", "70.66", "74.37"]
     assert [(r.paper["top1"].text, hs.row(r.scales.row).paper["top1"].text) for r in t9.rows] == [
         ("77.59", "47.70"), ("78.47", "54.53")]
+    maxbs = suites.get_table("repopt.table2_maxbs")
+    row = maxbs.row("RepOpt-VGG-B1 @MaxBS 260")  # trained and timed at the printed MaxBS, lr scaled linearly
+    paper = maxbs.recipe("paper", row)
+    assert (paper.batch, paper.global_batch, paper.lr, paper.cost_batch) == (260, 2080, 0.1 * 260 / 32, 260)
+    assert row.paper["top1"].text == "78.62±0.03" and row.paper["train_speed"].text == "445" and not maxbs.baselines
+    assert maxbs.recipe("mini", maxbs.row("RepVGG-L2 @MaxBS 77")).batch == 77
     t3, t5 = suites.get_table("repopt.table3"), suites.get_table("repopt.table5")
     b4 = t3.recipe("paper", t3.row("EfficientNet-B4"))
     assert (b4.epochs, b4.resolution, b4.test_resolution, b4.throughput_batch) == (300, 380, 380, 64)
@@ -177,10 +183,11 @@ def test_paper_plan_of_table2_runs_each_hyper_search_once_before_its_rows(tmp_pa
     assert "devices 1 (paper: 8)" in flat and "global batch 256" in flat and "lr 0.1" in flat
     assert "120 epoch(s)" in flat and "warmup: 5 epochs" in flat and "no 1-D parameter decayed" in flat
     assert "nesterov: True" in flat and "note: imagenet not found" in flat and "20 of 20 runs to do" in flat
-    lines = [line for line in out.splitlines() if "RepOpt-VGG-" in line]
-    for size in ("B1", "B2", "L1", "L2"):
-        first = [i for i, line in enumerate(lines) if f"RepOpt-VGG-{size} " in line]
-        assert len([i for i in first if "HS" in lines[i]]) == 1 and "HS" in lines[first[0]], size
+    from runners.jobs import plan
+    jobs = plan(suites.get_table("repopt.table2"), "paper", 2, None, str(tmp_path / "data"), "sqlite://")
+    for size in ("B1", "B2", "L1", "L2"):  # per arch: its one HS run, then its target's seeds
+        reps = [job.config["rep"] for job in jobs if job.config["arch"] == f"repoptvgg_{size.lower()}"]
+        assert [r for r in reps if r != "repvgg"] == ["hs", "repopt", "repopt"], (size, reps)
     assert not (tmp_path / "results").exists()
 
 
@@ -394,3 +401,46 @@ def test_caltech256_is_an_imagefolder_evaluated_at_its_own_resolution(tmp_path):
     train, val = build_datasets("caltech256", tmp_path, 32, eval_resolution=48)
     assert train.classes == ["001.ak47", "257.clutter"] and len(val) == 2
     assert train[0][0].shape == (3, 32, 32) and val[0][0].shape == (3, 48, 48)
+    from torchvision.transforms import RandAugment
+    augmented, _ = build_datasets("caltech256", tmp_path, 32, randaugment=15)  # the RepOpt target's paper recipe
+    (op,) = [t for t in augmented.transform.transforms if isinstance(t, RandAugment)]
+    assert (op.num_ops, op.magnitude, op.num_magnitude_bins) == (2, 15, 31) and augmented[1][0].shape == (3, 32, 32)
+    assert not any(isinstance(t, RandAugment) for t in train.transform.transforms)
+
+
+def test_mini_uses_the_papers_own_data_where_the_data_root_holds_it(tmp_path, monkeypatch, capsys):
+    """At mini a table whose paper data is CIFAR-100 (Hyper-Search) trains on it when --data-root holds it (here
+    CIFAR-100 pickles in the real layout), the mini recipe otherwise unchanged; ImageNet is absent, so the targets
+    keep the digits stand-in. The plan says which data each run reads."""
+    import shutil
+    from runners.cli import main
+    from runners.data import ensure_cifar_copy
+    root = tmp_path / "data"
+    shutil.copytree(ensure_cifar_copy("digits_cifar", root), root / "cifar-100-python")
+    monkeypatch.chdir(tmp_path)
+    assert main(["repopt.table2", "--scale", "mini", "--only", "RepOpt-VGG-B1", "--dry-run", "--seeds", "1",
+                 "--data-root", str(root)]) == 0
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines() if "RepOpt-VGG-" in line]
+    assert "│ cifar100" in lines[0] and "│ 3905 │" in lines[0] and "│ digits 32px │" in lines[-1]  # 5 x 50000 / 64
+    from runners.jobs import plan
+    hs, target = plan(suites.get_table("repopt.table2"), "mini", 1, ["RepOpt-VGG-B1"], str(root), "sqlite://")
+    assert hs.config["recipe"]["dataset"] == "cifar100" and hs.config["num_classes"] == 100
+    assert hs.config["recipe"]["epochs"] == 5 and target.config["recipe"]["dataset"] == "digits"
+    assert not (tmp_path / "results").exists()
+
+
+def test_table2_maxbs_smoke_trains_and_times_a_row_at_its_own_batch(tmp_path):
+    """repopt.table2_maxbs at smoke: the row trains and its train speed is timed (no baseline: each row at its own
+    batch); the report lists what the row's recipe changes at the scales where it differs."""
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli("repopt.table2_maxbs", "--only", "RepVGG-B1 @MaxBS 198", "--db", f"sqlite:///{db}", "--data-root",
+                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        names = {name for (name,) in c.execute("SELECT name FROM metrics")}
+    assert {"top1", "train_speed"} <= names and "train_speed_ratio" not in names
+    plan = run_cli("repopt.table2_maxbs", "--scale", "mini", "--only", "RepOpt-VGG-B1 @MaxBS 260", "--dry-run",
+                   "--data-root", str(tmp_path / "data"), cwd=tmp_path)
+    target = [line for line in plan.stdout.splitlines() if "│ 520, 0.1625 " in line]  # 2 x 260, 0.02 x 260 / 32
+    assert plan.returncode == 0 and len(target) == 3, plan.stdout
