@@ -71,15 +71,15 @@ class ConvBN(ReparamBlock):
     @classmethod
     def of(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> ConvBN:
         """The block made of an existing square-kernel, zero-padded conv and the BN that follows it."""
-        (k, kw), (p, pw), (d, dw), (s, sw) = conv.kernel_size, conv.padding, conv.dilation, conv.stride
-        if k != kw or p != pw or d != dw or s != sw or conv.padding_mode != "zeros":
-            raise ValueError(f"ConvBN.of takes square zero-padded convs, got {conv}")
-        return cls(ConvGeometry(conv.in_channels, conv.out_channels, k, s, p, d, conv.groups), conv, bn)
+        return cls(ConvGeometry.of(conv), conv, bn)
 
     def forward(self, x):
         return self.bn(self.conv(x))
 
     def equivalent_kernel_bias(self):
+        if isinstance(self.conv, ReparamBlock):  # the conv grew into a multi-branch block (DyRep, backbones/dyrep.py)
+            kernel, bias = self.conv.equivalent_kernel_bias()
+            return algebra.fuse_conv_bn(kernel, self.bn, bias)
         return algebra.fuse_conv_bn(self.conv.weight, self.bn, self.conv.bias)
 
 

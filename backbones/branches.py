@@ -37,6 +37,14 @@ class ConvGeometry:
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise ValueError(f"channels {self.in_channels}->{self.out_channels} not divisible by groups {self.groups}")
 
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> ConvGeometry:
+        """The geometry of an existing square-kernel, zero-padded conv."""
+        (k, kw), (p, pw), (d, dw), (s, sw) = conv.kernel_size, conv.padding, conv.dilation, conv.stride
+        if k != kw or p != pw or d != dw or s != sw or conv.padding_mode != "zeros":
+            raise ValueError(f"a block takes square, zero-padded convs, got {conv}")
+        return cls(conv.in_channels, conv.out_channels, k, s, p, d, conv.groups)
+
     def conv(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.conv2d(x, kernel, bias, self.stride, self.padding, self.dilation, self.groups)
 
