@@ -398,7 +398,7 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
                      dist: DistEnv | None = None, grad_accum: int = 1, run_dir: Path | None = None,
                      log: Callable[[str], None] | None = None, on_epoch: Callable[[dict], None] | None = None,
                      on_checkpoint: Callable | None = None, repoptimizer: bool = False,
-                     optimizer: str | None = None) -> TrainResult:
+                     optimizer: str | None = None, hooks: list | None = None) -> TrainResult:
     """Train ``net`` with ``recipe`` (suites.Recipe) as process ``dist.rank`` of ``dist.world_size`` (the process
     group already joined), accumulating ``grad_accum`` micro-batches of ``recipe.batch`` per optimizer step.
 
@@ -406,7 +406,8 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
     ``run_dir/checkpoints`` and the run resumes from the newest that verifies. ``log``: progress lines (rank 0).
     ``on_epoch(record)``: after each epoch's validation (rank 0). ``on_checkpoint(kind, path, size, sha256, epoch)``:
     each checkpoint written or removed (rank 0). ``repoptimizer``: train with the RepOptimizer (the model's RepOpt
-    blocks carry its constants); ``optimizer``: another optimizer than SGD (optim_wrapper_cfg). Raises :class:`Diverged` on a non-finite loss and
+    blocks carry its constants); ``optimizer``: another optimizer than SGD (optim_wrapper_cfg); ``hooks``: more
+    MMEngine hooks (e.g. runners.dyrep.DyRepHook). Raises :class:`Diverged` on a non-finite loss and
     :class:`Preempted` after a signal's checkpoint.
     """
     dist = dist or DistEnv()
@@ -475,7 +476,7 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
         param_scheduler=schedulers,
         default_hooks=dict(checkpoint=None, param_scheduler=None,
                            logger=dict(type="LoggerHook", interval=50, log_metric_by_epoch=True)),
-        custom_hooks=[OptimizerStepScheduler(grad_accum), state_hook],
+        custom_hooks=[OptimizerStepScheduler(grad_accum), state_hook, *(hooks or [])],
         randomness=dict(seed=seed),
         launcher="pytorch" if dist.distributed else "none",
         env_cfg=dict(cudnn_benchmark=False,

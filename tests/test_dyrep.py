@@ -151,3 +151,157 @@ def test_cut_refuses_the_origin_and_unknown_branches():
         grow(host, "conv")
     with pytest.raises(ValueError, match="origin alone"):
         collapse(host)
+
+
+# -- the controller (runners/dyrep.py) -------------------------------------------------------------------------------
+
+def _two_site_net(dtype=torch.float64):
+    torch.manual_seed(0)
+    net = nn.Sequential(ConvBN(ConvGeometry(3, 8, 3)), nn.ReLU(), ConvBN(ConvGeometry(8, 8, 3)), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return randomize(net).to(dtype)
+
+
+@pytest.mark.parametrize("metric", ["synflow", "snip", "grad_norm"])
+def test_saliency_is_computed_from_the_gradients_the_step_uses(metric):
+    """Gradients set by hand (as accumulation and DDP's all-reduce leave them), two optimizer steps: each site's
+    score is the metric of the gradient and of the weight as the step found them (before the update), averaged."""
+    from runners.dyrep import Saliency
+    net = _two_site_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    saliency = Saliency(net, metric).attach(optimizer)
+    expected = {"0.conv": [], "2.conv": []}
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        for p in net.parameters():
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        for name in expected:
+            w = net.get_submodule(name).weight
+            expected[name].append({"synflow": (w.grad * w).sum(), "snip": (w.grad * w).abs().sum(),
+                                   "grad_norm": w.grad.norm()}[metric].item())
+        optimizer.step()
+    averages = saliency.averages()
+    for name, values in expected.items():
+        assert averages[name] == pytest.approx(sum(values) / 2, rel=1e-12)
+    assert saliency.counts == {"0.conv": 2, "2.conv": 2}
+    saliency.detach()
+    optimizer.step()
+    assert saliency.counts == {"0.conv": 2, "2.conv": 2}
+
+
+def test_dep_rules_cut_by_the_paper_and_by_the_official_code():
+    """Eq. 9 on the last BN's gammas. Paper: the new branches' mean |gamma| spread (population std) above 0.02,
+    cut those below their mean. Code: the same relative to the kxk branch, and a cut only below 0.1 too."""
+    from runners.dyrep import dep_candidates
+    block = grow(_host(ConvGeometry(8, 8, 3), torch.float64), "conv")
+    gammas = {"origin": 2.0, "1x1": 0.5, "1x1_kxk": 0.1, "avg": 0.02, "hor": 0.4, "ver": 0.3, "identity": 0.9}
+    with torch.no_grad():
+        for name, value in gammas.items():
+            block.norms[name].weight.fill_(-value if name == "avg" else value)  # |gamma|: the sign does not count
+    # paper: mean of (0.5, 0.1, 0.02, 0.4, 0.3, 0.9) = 0.37 -> 0.1, 0.02, 0.3 are below it
+    assert sorted(dep_candidates(block, "paper")) == ["1x1_kxk", "avg", "ver"]
+    # code: relative to 2.0 -> (0.25, 0.05, 0.01, 0.2, 0.15, 0.45), mean 0.185, and below 0.1: 0.05, 0.01
+    assert sorted(dep_candidates(block, "code")) == ["1x1_kxk", "avg"]
+    with torch.no_grad():
+        for name in gammas:
+            block.norms[name].weight.fill_(0.01 if name != "origin" else 1.0)  # just grown: nothing to tell apart
+    assert dep_candidates(block, "paper") == dep_candidates(block, "code") == []
+
+
+def test_optimizer_surgery_after_a_grow_matches_a_step_built_by_hand():
+    """SGD with momentum and weight decay through MMEngine's constructor (no decay on BN), two steps, then DyRep
+    grows the top site: the new parameters sit in the groups a fresh constructor would give them, with empty
+    momentum; the old ones keep theirs; the replaced kernel's state is gone. One more step equals the update written
+    out by hand (torch's SGD: d = g + wd p; buf = mu buf + d, or d on a first step; p -= lr buf), to float64's
+    rounding."""
+    from mmengine.optim import build_optim_wrapper
+    from runners.dyrep import DyRep
+    net = _two_site_net()
+    cfg = dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9, weight_decay=1e-3),
+               paramwise_cfg=dict(norm_decay_mult=0.0))
+    optimizer = build_optim_wrapper(net, cfg).optimizer
+    dyrep = DyRep(net, optimizer, "synflow")
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for _ in range(2):
+        optimizer.zero_grad()
+        net(x).square().mean().backward()
+        optimizer.step()
+    top = max(dyrep.saliency.averages().items(), key=lambda kv: kv[1])[0]
+    replaced = net.get_submodule(top).weight
+    before = {p: optimizer.state[p]["momentum_buffer"].clone() for p in net.parameters()}
+    (event,) = dyrep.adjust(0)
+    assert (event.kind, event.site) == ("grow", top) and replaced not in optimizer.state
+    block = net.get_submodule(top)
+    new = set(block.parameters())
+    assert new and all(p not in optimizer.state for p in new)
+    fresh = build_optim_wrapper(net, cfg).optimizer
+    setting = {id(p): (g["lr"], g["weight_decay"]) for g in fresh.param_groups for p in g["params"]}
+    held = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert held == setting  # every parameter of the grown net once, with the constructor's lr and decay
+    g = torch.Generator().manual_seed(9)
+    for p in net.parameters():
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    expected = {}
+    for p in net.parameters():
+        lr, wd = held[id(p)]
+        d = p.grad + wd * p.detach()
+        buf = d if p in new else 0.9 * before[p] + d
+        expected[p] = p.detach() - lr * buf
+    optimizer.step()
+    for p, value in expected.items():  # torch fuses p - lr * buf (one rounding): equal to float64's last digits
+        assert torch.allclose(p.detach(), value, rtol=1e-14, atol=1e-15), tuple(p.shape)
+
+
+def test_the_events_rebuild_the_structure_and_the_next_growth_is_the_same():
+    """A run that grew twice and cut, checkpointed as (DyRep state, model state dict): a fresh net replays the
+    events, loads the weights strictly, computes the same function and, with the same accumulated scores, grows the
+    same conv next."""
+    from runners.dyrep import DyRep
+    net = _two_site_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    dyrep = DyRep(net, optimizer, "synflow", rule="paper")
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+    for epoch in range(3):
+        train(net, optimizer, 2)
+        if epoch == 1:  # training spreads the new branches' gammas: make one clearly weak
+            with torch.no_grad():
+                grown = next(m for m in net.modules() if isinstance(m, MultiBranchConv))
+                for i, bn in enumerate(n for k, n in grown.norms.items() if k != "origin"):
+                    bn.weight.fill_(0.5 if i % 2 else 0.001)
+        dyrep.adjust(epoch)
+    assert [e.kind for e in dyrep.events].count("grow") == 3 and "cut" in [e.kind for e in dyrep.events]
+    train(net, optimizer, 1)  # scores accumulated since the last adjustment
+    state, weights = dyrep.state_dict(), net.state_dict()
+    fresh = _two_site_net()
+    replay = DyRep(fresh, torch.optim.SGD(fresh.parameters(), lr=0.05), "synflow", rule="paper")
+    replay.load_state_dict(state)
+    fresh.load_state_dict(weights)  # strict: the same structure
+    assert rel_err(_out(fresh, x), _out(net, x)) <= 1e-12
+    assert replay.saliency.averages() == dyrep.saliency.averages()
+    assert dyrep.adjust(3)[0].site == replay.adjust(3)[0].site
+
+
+def test_the_hook_grows_a_conv_during_mmengine_training(tmp_path):
+    """repbench.DyRepHook from MMEngine's registry in the suite's training (MMEngine's Runner): after each epoch the
+    top conv grows; the trained net still deploys to the plain architecture."""
+    from mmengine.registry import HOOKS
+    import runners.dyrep  # noqa: F401 - what a config's custom_imports does
+    from runners.train import train_classifier
+    from suites import Recipe
+    torch.manual_seed(0)
+    net = build_classifier("resnet18", "none", 4)
+    plain = sum(p.numel() for p in deploy(build_classifier("resnet18", "none", 4)).parameters())
+    hook = HOOKS.build(dict(type="repbench.DyRepHook", interval=1, recal_batches=2))
+    recipe = Recipe(dataset="synthetic", resolution=32, batch=2, epochs=2, max_iters=2, checkpoints=False)
+    train_classifier(net, recipe, tmp_path, hooks=[hook])
+    grows = [e for e in hook.dyrep.events if e.kind == "grow"]
+    assert [e.epoch for e in grows] == [0, 1] and len({e.site for e in grows}) == 2
+    assert sum(isinstance(m, MultiBranchConv) for m in net.modules()) == 2
+    assert sum(p.numel() for p in deploy(net).parameters()) == plain

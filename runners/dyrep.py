@@ -1,0 +1,325 @@
+"""DyRep's controller (Huang et al., CVPR 2022, Algorithm 1): saliency of every growable conv from the gradients the
+optimizer step uses, every t epochs the top conv grown and weak branches cut (backbones/dyrep.py does the block
+surgery), the optimizer fixed up after each change, and the changes kept as events that rebuild the structure.
+
+* :class:`Saliency` scores each site before every optimizer step (``torch.optim.Optimizer.register_step_pre_hook``:
+  after backward, after gradient accumulation and DDP's all-reduce, before the update; MMEngine has no hook point
+  there). ``synflow`` (default, Eq. 3-4: the signed sum of grad * weight, as the official code), ``snip`` (sum of
+  |grad * weight|), ``grad_norm`` (L2 norm of the gradient), ``random``. Not built yet: ``grasp`` (a Hessian-vector
+  product, one extra backward per scored step) and ``vote`` (Appendix A.3).
+* :func:`dep_candidates`: the branches a grown block loses, by the paper's rule (Eq. 9: s_j = mean |gamma| of the
+  branch's last BN; when the population std of the new branches' s_j exceeds lambda = 0.02, cut those below their
+  mean) or the official code's (the same with s_j relative to the kxk branch's and a cut only below 0.1 too).
+* :func:`refit_optimizer`: new parameters join the param group of the parameter they replace or resemble (a new
+  conv kernel: the grown conv's group; a new BN weight / bias: a BN weight's / bias's group), with empty state;
+  parameters that left the model leave their groups and their state is dropped. Param groups keep their number, so
+  lr schedulers (which hold one base value per group) keep working.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.model import MMDistributedDataParallel, is_model_wrapper
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
+from mmengine.registry import Registry
+from torch import Tensor, nn
+
+from backbones.blocks import ConvBN, MultiBranchConv
+from backbones.dyrep import GAMMA, OPS, Grown, branch_importance, collapse, cut, grow, sites
+
+METRICS = ("synflow", "snip", "grad_norm", "random")
+DEP_RULES = ("paper", "code")
+
+
+def site_weight(parent: nn.Module, attr: str) -> Tensor:
+    """The kernel parameter of a growable site (a ConvBN's nn.Conv2d, or a grown block's Conv origin branch)."""
+    site = parent[attr] if isinstance(parent, nn.ModuleDict) else getattr(parent, attr)
+    return site.weight
+
+
+class Saliency:
+    """Per-site saliency averaged over the optimizer steps since the last :meth:`reset`."""
+
+    def __init__(self, model: nn.Module, metric: str = "synflow", generator: torch.Generator | None = None):
+        if metric not in METRICS:
+            raise ValueError(f"unknown saliency metric {metric!r}; expected one of {METRICS}")
+        self.model, self.metric, self.generator = model, metric, generator or torch.Generator().manual_seed(0)
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self._handle = None
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Saliency:
+        self.detach()
+        self._handle = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.record())
+        return self
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @torch.no_grad()
+    def record(self) -> None:
+        """One optimizer step's scores (the gradients as the step will use them)."""
+        for name, (parent, attr) in sites(self.model).items():
+            weight = site_weight(parent, attr)
+            if weight.grad is None:
+                continue
+            grad = weight.grad
+            if self.metric == "synflow":
+                score = float((grad * weight).sum())
+            elif self.metric == "snip":
+                score = float((grad * weight).abs().sum())
+            elif self.metric == "grad_norm":
+                score = float(grad.norm())
+            else:
+                score = float(torch.rand((), generator=self.generator))
+            self.sums[name] = self.sums.get(name, 0.0) + score
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def averages(self) -> dict[str, float]:
+        return {name: self.sums[name] / self.counts[name] for name in self.sums}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+        self.generator.set_state(state["generator"])
+
+
+def dep_candidates(block: MultiBranchConv, rule: str = "code", gate: float = 0.02, floor: float = 0.1) -> list[str]:
+    """The branches ``block`` loses now (never the kxk origin); see the module docstring for the two rules."""
+    if rule not in DEP_RULES:
+        raise ValueError(f"unknown Dep rule {rule!r}; expected one of {DEP_RULES}")
+    if rule == "code":
+        weights = {n: w for n, w in branch_importance(block).items() if n != "origin"}
+    else:
+        weights = {n: float(block.norms[n].weight.abs().mean()) for n in block.branches if n != "origin"}
+    if len(weights) < 2:
+        return []
+    values = list(weights.values())
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    if std <= gate:
+        return []
+    return [n for n, w in weights.items() if w < mean and (rule == "paper" or w < floor)]
+
+
+def refit_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, twins: dict[Tensor, Tensor]) -> None:
+    """After a structure change: every parameter of ``model`` not in the optimizer joins the group of its twin
+    (``twins``: new parameter -> an old one of the same role, possibly gone from the model now) with empty state;
+    parameters the optimizer holds that left the model are removed with their state."""
+    live = {id(p) for p in model.parameters()}
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    twin_of = {id(new): old for new, old in twins.items()}  # by identity: tensors compare element-wise
+    for p in model.parameters():
+        if id(p) in group_of:
+            continue
+        twin = twin_of.get(id(p))
+        while twin is not None and id(twin) not in group_of and id(twin) in twin_of:  # a twin that is new too
+            twin = twin_of[id(twin)]
+        if twin is None or id(twin) not in group_of:
+            raise ValueError(f"a new parameter of shape {tuple(p.shape)} has no twin in the optimizer")
+        group_of[id(twin)]["params"].append(p)
+        group_of[id(p)] = group_of[id(twin)]
+    for group in optimizer.param_groups:
+        for p in [p for p in group["params"] if id(p) not in live]:
+            optimizer.state.pop(p, None)
+        group["params"] = [p for p in group["params"] if id(p) in live]
+
+
+def twins_after(model: nn.Module, grown: MultiBranchConv, replaced: Tensor) -> dict[Tensor, Tensor]:
+    """The twin of each parameter of a freshly grown block: conv kernels (4-D) the replaced kernel, BN weights and
+    biases a BN weight / bias the optimizer already holds (the model's first BN outside the block)."""
+    outside = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+                   and all(m is not n for n in grown.modules()))
+    twins = {}
+    for module in grown.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() == 4:
+                twins[p] = replaced
+            elif isinstance(module, nn.BatchNorm2d):
+                twins[p] = getattr(outside, name)
+            else:
+                raise ValueError(f"no twin rule for {type(module).__name__}.{name}")
+    return twins
+
+
+@dataclass
+class Event:
+    """One change of the structure: ``grow`` (a site, the ops it took) or ``cut`` (a grown block's branches)."""
+
+    epoch: int
+    kind: str              # grow | cut | collapse
+    site: str              # grow: the site grown; cut / collapse: the grown block (its module name)
+    branches: list[str] = field(default_factory=list)
+    score: float | None = None
+
+
+class DyRep:
+    """Algorithm 1 on a model and its optimizer: :meth:`adjust` every ``interval`` epochs (up to ``max_epoch``)
+    grows the top-scoring site and cuts by ``rule``; :meth:`state_dict` / :meth:`load_state_dict` carry the events
+    (which rebuild the structure on a fresh model, before its weights are loaded) and the accumulated scores."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, metric: str = "synflow",
+                 interval: int = 1, max_epoch: int | None = None, rule: str = "code", gamma: float = GAMMA,
+                 ops: tuple[str, ...] = OPS, seed: int = 0):
+        if rule not in DEP_RULES:
+            raise ValueError(f"unknown Dep rule {rule!r}; expected one of {DEP_RULES}")
+        self.model, self.optimizer = model, optimizer
+        self.interval, self.max_epoch, self.rule, self.gamma, self.ops = interval, max_epoch, rule, gamma, ops
+        self.generator = torch.Generator().manual_seed(seed)
+        self.saliency = Saliency(model, metric)
+        if optimizer is not None:
+            self.saliency.attach(optimizer)
+        self.events: list[Event] = []
+
+    def due(self, epoch: int) -> bool:
+        """After epoch ``epoch`` (0-based) ends: is it an adjustment epoch?"""
+        return (epoch + 1) % self.interval == 0 and (self.max_epoch is None or epoch < self.max_epoch)
+
+    def adjust(self, epoch: int, recalibrate=None) -> list[Event]:
+        """Rep (the top-scoring site grows; ``recalibrate(block)`` sets its new BNs' statistics first) and Dep (every
+        grown block cut by the rule; a block left with its origin alone collapses to a conv)."""
+        events = []
+        scores = self.saliency.averages()
+        candidates = sites(self.model)
+        ranked = sorted((s for s in scores if s in candidates), key=lambda s: scores[s], reverse=True)
+        twins = {}
+        if ranked:
+            name = ranked[0]
+            block, new = self._grow(name, self.ops, recalibrate)
+            twins.update(new)
+            events.append(Event(epoch, "grow", name, list(block.branches), scores[name]))
+        self.saliency.reset()
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, MultiBranchConv) and self._grown(module):
+                gone = dep_candidates(module, self.rule)
+                if gone:
+                    cut(module, gone)
+                    events.append(Event(epoch, "cut", name, gone))
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ConvBN) and isinstance(module.conv, MultiBranchConv) and \
+                    list(module.conv.branches) == ["origin"]:
+                twins.update(self._collapse(module))
+                events.append(Event(epoch, "collapse", f"{name}.conv"))
+        if self.optimizer is not None and events:
+            refit_optimizer(self.optimizer, self.model, twins)
+        self.events += events
+        return events
+
+    def _grow(self, site: str, ops: tuple[str, ...], recalibrate=None) -> tuple[MultiBranchConv, dict]:
+        """Grow ``site``; the new block and its parameters' twins (refit_optimizer)."""
+        parent, attr = sites(self.model)[site]
+        replaced = site_weight(parent, attr)
+        block = grow(parent, attr, ops, self.gamma, self.generator, recalibrate)
+        return block, twins_after(self.model, block, replaced)
+
+    @staticmethod
+    def _collapse(host: ConvBN) -> dict:
+        """Collapse ``host``'s lone-origin block; the new conv's kernel and bias take the old kernel's and a BN
+        bias's groups."""
+        kernel = next(p for p in host.conv.parameters() if p.dim() == 4)
+        collapse(host)
+        return {host.conv.weight: kernel, host.conv.bias: host.bn.bias}
+
+    def _grown(self, block: MultiBranchConv) -> bool:
+        return any(block is m.conv for m in self.model.modules() if isinstance(m, ConvBN)) or \
+            any(block is m.block for m in self.model.modules() if isinstance(m, Grown))
+
+    def state_dict(self) -> dict:
+        return {"events": [asdict(e) for e in self.events], "saliency": self.saliency.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replay the events on this (fresh) model, the optimizer refitted: the structure the checkpoint's weights
+        and optimizer state belong to (load those after this)."""
+        twins = {}
+        for data in state["events"]:
+            event = Event(**data)
+            if event.kind == "grow":
+                twins.update(self._grow(event.site, tuple(event.branches))[1])
+            elif event.kind == "cut":
+                cut(self.model.get_submodule(event.site), event.branches)
+            else:
+                twins.update(self._collapse(self.model.get_submodule(event.site.rsplit(".", 1)[0])))
+            self.events.append(event)
+        if self.optimizer is not None:
+            refit_optimizer(self.optimizer, self.model, twins)
+        self.saliency.load_state_dict(state["saliency"])
+        self.generator.set_state(state["generator"])
+
+
+@torch.no_grad()
+def recalibrate_bn(block: nn.Module, model: nn.Module, batches, forward) -> None:
+    """The official code's BN recalibration of a grown block: its BNs' statistics reset and re-estimated as a
+    cumulative average over ``batches`` (forwarded through the whole ``model`` in eval mode by ``forward(batch)``,
+    only the block's BNs in train mode); every mode restored afterwards."""
+    bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = {m: m.training for m in model.modules()}
+    momenta = {bn: bn.momentum for bn in bns}
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        for batch in batches:
+            forward(batch)
+    finally:
+        for bn in bns:
+            bn.momentum = momenta[bn]
+        for m, mode in modes.items():
+            m.training = mode
+
+
+HOOKS = Registry("hook", parent=MMENGINE_HOOKS, scope="repbench", locations=["runners.dyrep"])
+
+
+@HOOKS.register_module()
+class DyRepHook(Hook):
+    """DyRep in any MMEngine training (``custom_hooks=[dict(type="repbench.DyRepHook", interval=5, max_epoch=100)]``
+    with ``custom_imports=dict(imports=["runners.dyrep"])``): scores every optimizer step; after every
+    ``interval``-th epoch (below ``max_epoch``) grows the top conv (its new BNs recalibrated on ``recal_batches``
+    training batches, 20 as the official code), cuts by ``rule``, fixes the optimizer and re-wraps a DDP model
+    (find_unused_parameters, as the official code)."""
+
+    priority = "NORMAL"
+
+    def __init__(self, interval: int = 1, max_epoch: int | None = None, metric: str = "synflow",
+                 rule: str = "code", gamma: float = GAMMA, recal_batches: int = 20, seed: int = 0):
+        self.settings = dict(metric=metric, interval=interval, max_epoch=max_epoch, rule=rule, gamma=gamma,
+                             seed=seed)
+        self.recal_batches = recal_batches
+        self.dyrep: DyRep | None = None
+
+    def before_train(self, runner):
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        self.dyrep = DyRep(model, runner.optim_wrapper.optimizer, **self.settings)
+
+    def after_train_epoch(self, runner):
+        if not self.dyrep.due(runner.epoch):
+            return
+        model = self.dyrep.model
+
+        def forward(batch):  # an MMEngine BaseModel: its preprocessor, then forward as train_step calls it
+            model._run_forward(model.data_preprocessor(batch, False), mode="tensor")
+
+        def recalibrate(block):
+            batches = (b for _, b in zip(range(self.recal_batches), runner.train_dataloader))
+            recalibrate_bn(block, model, batches, forward)
+
+        for event in self.dyrep.adjust(runner.epoch, recalibrate):
+            runner.logger.info(f"DyRep epoch {event.epoch + 1}: {event.kind} {event.site} {' '.join(event.branches)}")
+        if isinstance(runner.model, MMDistributedDataParallel):
+            runner.model = MMDistributedDataParallel(module=model, device_ids=runner.model.device_ids,
+                                                     find_unused_parameters=True)
