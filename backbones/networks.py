@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
-from .variants import REPVGG_REPS, RESNET_REPS, RepConfig, make_conv, resolve_variant
+from .variants import REPVGG_REPS, RESNET_REPS, VGG_REPS, RepConfig, make_conv, resolve_variant
 from .zoo import TORCHVISION, build_torchvision
 
 
@@ -164,6 +164,33 @@ class RepVGG(Classifier):
         return self.stage1, self.stage2, self.stage3, self.stage4
 
 
+class VGG(nn.Module):
+    """VGG-16 for CIFAR as DyRep's code builds it (official-code notes Sec. 5.4): 13 conv3x3 + BN + ReLU in five
+    groups closed by 2x2 max-pools (the last one stride 1), then Linear 512 -> 512 + ReLU and the classifier. Every
+    conv+BN from ``make_conv``: ``rep`` dbb gives DBB everywhere, dyrep the plain net DyRep grows."""
+
+    def __init__(self, widths: tuple, config: RepConfig, num_classes: int = 10):
+        super().__init__()
+        if not num_classes:
+            raise ValueError("VGG-16 for CIFAR is a classification network here; it has no headless form")
+        self.config = config
+        layers, in_planes = [], 3
+        for i, width in enumerate(widths):
+            if width == "M":
+                last = i == len(widths) - 1
+                layers.append(nn.MaxPool2d(2, 1 if last else 2))
+            else:
+                layers += [make_conv(config, in_planes, width, 3), nn.ReLU(inplace=True)]
+                in_planes = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(in_planes, 512), nn.ReLU(inplace=True),
+                                        nn.Linear(512, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1))
+
+
 @dataclass(frozen=True)
 class Arch:
     """One named architecture: its family, constructor arguments, the reps defined for it and its source."""
@@ -202,11 +229,13 @@ ARCHS: dict[str, Arch] = {
     "repoptvgg_b2": Arch("repvgg", dict(layers=(4, 6, 16, 1), widths=(2.5, 2.5, 2.5, 5)), "RepOptimizers Table 1"),
     "repoptvgg_l1": Arch("repvgg", dict(layers=(8, 14, 24, 1), widths=(2, 2, 2, 4)), "RepOptimizers Table 1"),
     "repoptvgg_l2": Arch("repvgg", dict(layers=(8, 14, 24, 1), widths=(2.5, 2.5, 2.5, 5)), "RepOptimizers Table 1"),
+    "vgg16_cifar": Arch("vgg", dict(widths=(64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                                            512, 512, 512, "M")), "DyRep Table 2 (official code's VGG-16 for CIFAR)"),
     # plain torchvision networks that tables compare against (backbones/zoo.py); rep "none" only
     **{name: Arch("torchvision", {}, f"torchvision {builder}; RepOptimizers Table 3")
        for name, builder in TORCHVISION.items()},
 }
-FAMILY_REPS = {"resnet": RESNET_REPS, "repvgg": REPVGG_REPS, "torchvision": ("none",)}
+FAMILY_REPS = {"resnet": RESNET_REPS, "repvgg": REPVGG_REPS, "vgg": VGG_REPS, "torchvision": ("none",)}
 
 
 def check_combination(arch: str, rep: str) -> Arch:
@@ -235,6 +264,10 @@ def build_classifier(arch: str, rep: str = "none", num_classes: int = 1000, vari
         model = build_torchvision(arch, num_classes)
     elif spec.family == "resnet":
         model = ResNet(config=config, num_classes=num_classes, **spec.kwargs, **backbone_kwargs)
+    elif spec.family == "vgg":
+        if backbone_kwargs:
+            raise ValueError(f"{arch} takes no options, got {sorted(backbone_kwargs)}")
+        model = VGG(config=config, num_classes=num_classes, **spec.kwargs)
     else:
         if set(backbone_kwargs) - {"strides"}:
             raise ValueError(f"{arch} takes only the option strides, got {sorted(backbone_kwargs)}")

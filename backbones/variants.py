@@ -14,7 +14,8 @@ from .blocks import (ACB, DBB, DBB_BRANCHES, OREPA, OREPA_BRANCHES, ConvBN, OREP
 from .branches import ConvGeometry
 from .repopt import CSLA, RepOptConvBN, hs_scale_init
 
-RESNET_REPS = ("none", "acb", "dbb", "orepa")
+RESNET_REPS = ("none", "acb", "dbb", "orepa", "dyrep")
+VGG_REPS = ("none", "dbb", "dyrep")  # VGG-16 for CIFAR (DyRep Table 2): plain, DBB everywhere, DyRep
 REPVGG_REPS = ("none", "repvgg", "orepa_vgg", "csla", "hs", "repopt")  # the last three: RepOptimizers
 
 
@@ -53,6 +54,7 @@ DEFAULTS = {
     "csla": RepConfig("csla", form="linear_offline"),
     "hs": RepConfig("hs", form="linear_offline"),
     "repopt": RepConfig("repopt"),
+    "dyrep": RepConfig("dyrep"),  # the plain network; its convs grow during training (runners/dyrep.py)
 }
 TUNABLE = {  # the fields a variant may change, per rep
     "none": set(), "acb": set(),
@@ -60,7 +62,7 @@ TUNABLE = {  # the fields a variant may change, per rep
     "orepa": {"form", "branches", "scaling", "post_norm", "init", "deep_stem", "rep_1x1"},
     "repvgg": {"form", "scaling", "post_norm"},
     "orepa_vgg": {"form"},
-    "csla": {"hs_init", "strides"}, "hs": {"hs_init", "strides"}, "repopt": {"strides", "se"},
+    "csla": {"hs_init", "strides"}, "hs": {"hs_init", "strides"}, "repopt": {"strides", "se"}, "dyrep": set(),
 }
 _WITHOUT_BRANCH_NORM = dict(form="linear_offline", scaling="none", post_norm=True)
 PRESETS = {
@@ -127,7 +129,7 @@ def make_conv(config: RepConfig, in_channels: int, out_channels: int, kernel_siz
     """
     geometry = ConvGeometry(in_channels, out_channels, kernel_size, stride, None, dilation, groups)
     rep = config.rep
-    if rep == "none":
+    if rep in ("none", "dyrep"):  # DyRep starts from the plain conv+BN and grows it while training
         return ConvBN(geometry)
     if rep == "orepa":
         if kernel_size == 7 and role == "stem":

@@ -17,12 +17,13 @@ import pandas as pd
 from suites import METRICS, Claim, Table
 
 DONE = ("finished", "diverged")
-SIZE = ("params_train", "params_deploy", "macs_train", "macs_deploy")
+SIZE = ("params_train", "params_deploy", "macs_train", "macs_deploy", "params_avg", "macs_avg")
 INFERENCE = ("latency", "throughput")
 ENVIRONMENT = ("git_commit", "git_dirty", "python", "torch", "torchvision", "mmcv", "mmengine", "numpy", "cuda",
                "cudnn", "driver", "gpu_count", "device_name", "cpu_affinity", "host", "uv_lock_sha256", "command")
 LABELS = {"params_train": "Params (train)", "params_deploy": "Params (deploy)", "macs_train": "MACs (train)",
-          "macs_deploy": "MACs (deploy)", "latency": "Latency", "throughput": "Throughput"}
+          "macs_deploy": "MACs (deploy)", "params_avg": "Avg. params (training)", "macs_avg": "Avg. MACs (training)",
+          "latency": "Latency", "throughput": "Throughput"}
 
 
 @dataclass

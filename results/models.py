@@ -59,6 +59,7 @@ class Run(Base):
     environment: Mapped[Environment | None] = relationship(back_populates="run", cascade="all, delete-orphan")
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="run", cascade="all, delete-orphan")
     attempts: Mapped[list[Attempt]] = relationship(back_populates="run", cascade="all, delete-orphan")
+    events: Mapped[list[Event]] = relationship(back_populates="run", cascade="all, delete-orphan")
 
 
 class Attempt(Base):
@@ -162,3 +163,25 @@ class Artifact(Base):
     epoch: Mapped[int | None] = mapped_column(Integer)
     created_ms: Mapped[int] = mapped_column(BigInteger, nullable=False, default=now_ms)
     run: Mapped[Run] = relationship(back_populates="artifacts")
+
+
+EVENT_KINDS = ("grow", "cut", "collapse")
+
+
+class Event(Base):
+    """A change of a run's network structure while it trained (DyRep: a conv grown, branches cut, a block collapsed
+    to a conv), in order; the events rebuild the structure of any epoch (runners/dyrep.py)."""
+
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("run_id", "epoch", "kind", "site", name="event_per_site"),
+                      Index("events_run_id", "run_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), nullable=False)
+    epoch: Mapped[int] = mapped_column(Integer, nullable=False)  # 0-based: after this epoch's training
+    kind: Mapped[str] = mapped_column(String(20), nullable=False)
+    site: Mapped[str] = mapped_column(String(300), nullable=False)  # the module path of the conv / block
+    branches: Mapped[str] = mapped_column(Text, nullable=False, default="[]")  # JSON list of branch names
+    score: Mapped[float | None] = mapped_column(Float(precision=53))
+    created_ms: Mapped[int] = mapped_column(BigInteger, nullable=False, default=now_ms)
+    run: Mapped[Run] = relationship(back_populates="events")

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import ARTIFACT_KINDS, Artifact, Attempt, Environment, Metric, Param, Run, now_ms
+from .models import ARTIFACT_KINDS, EVENT_KINDS, Artifact, Attempt, Environment, Event, Metric, Param, Run, now_ms
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DEFAULT_URL = "sqlite:///results/repbench.sqlite"
@@ -430,6 +430,38 @@ class Store:
                 s.add(artifact)
             artifact.kind, artifact.size_bytes, artifact.sha256, artifact.epoch = kind, size_bytes, sha256, epoch
             artifact.created_ms = now_ms()
+
+    def log_events(self, run_id: int, events: list[dict], owner: str | None = None) -> None:
+        """Record structure changes (dicts with epoch, kind, site, branches, score); an event recorded again (a run
+        resumed before its checkpoint held the change) replaces the first record."""
+        for e in events:
+            if e["kind"] not in EVENT_KINDS:
+                raise ValueError(f"unknown event kind {e['kind']!r}; known: {EVENT_KINDS}")
+        with self.session() as s:
+            self._guard(s, run_id, owner)
+            for e in events:
+                row = s.scalar(select(Event).where(Event.run_id == run_id, Event.epoch == e["epoch"],
+                                                   Event.kind == e["kind"], Event.site == e["site"]))
+                if row is None:
+                    row = Event(run_id=run_id, epoch=e["epoch"], kind=e["kind"], site=e["site"])
+                    s.add(row)
+                row.branches, row.score = json.dumps(list(e.get("branches") or [])), e.get("score")
+                row.created_ms = now_ms()
+
+    def events_frame(self, table_name: str | None = None, run_id: int | None = None) -> pd.DataFrame:
+        """Structure changes in the order they happened (branches as lists)."""
+        query = select(Event.run_id, Run.table_name, Run.row_name, Run.scale, Run.seed, Event.epoch, Event.kind,
+                       Event.site, Event.branches, Event.score).join(Run)
+        if table_name:
+            query = query.where(Run.table_name == table_name)
+        if run_id is not None:
+            query = query.where(Event.run_id == run_id)
+        with self.engine.connect() as c:
+            frame = pd.DataFrame(c.execute(query.order_by(Event.run_id, Event.epoch, Event.id)).mappings().all(),
+                                 columns=["run_id", "table_name", "row_name", "scale", "seed", "epoch", "kind", "site",
+                                          "branches", "score"])
+        frame["branches"] = [json.loads(b) for b in frame["branches"]]
+        return frame
 
     def remove_artifacts(self, run_id: int, path: str | None = None, owner: str | None = None) -> None:
         """Forget one artifact (``path``) or all of a run's (its files were removed)."""

@@ -172,11 +172,12 @@ class DyRep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, metric: str = "synflow",
                  interval: int = 1, max_epoch: int | None = None, rule: str = "code", gamma: float = GAMMA,
-                 ops: tuple[str, ...] = OPS, seed: int = 0):
+                 ops: tuple[str, ...] = OPS, seed: int = 0, dep: bool = True):
         if rule not in DEP_RULES:
             raise ValueError(f"unknown Dep rule {rule!r}; expected one of {DEP_RULES}")
         self.model, self.optimizer = model, optimizer
         self.interval, self.max_epoch, self.rule, self.gamma, self.ops = interval, max_epoch, rule, gamma, ops
+        self.dep = dep  # DyRep Table 6: without Dep nothing is ever cut
         self.generator = torch.Generator().manual_seed(seed)
         self.saliency = Saliency(model, metric)
         if optimizer is not None:
@@ -201,7 +202,7 @@ class DyRep:
             twins.update(new)
             events.append(Event(epoch, "grow", name, list(block.branches), scores[name]))
         self.saliency.reset()
-        for name, module in list(self.model.named_modules()):
+        for name, module in list(self.model.named_modules()) if self.dep else ():
             if isinstance(module, MultiBranchConv) and self._grown(module):
                 gone = dep_candidates(module, self.rule)
                 if gone:
@@ -296,20 +297,39 @@ class DyRepHook(Hook):
     priority = "NORMAL"
 
     def __init__(self, interval: int = 1, max_epoch: int | None = None, metric: str = "synflow",
-                 rule: str = "code", gamma: float = GAMMA, recal_batches: int = 20, seed: int = 0):
+                 rule: str = "code", gamma: float = GAMMA, recal_batches: int = 20, seed: int = 0, dep: bool = True,
+                 on_events=None, module: str = ""):
         self.settings = dict(metric=metric, interval=interval, max_epoch=max_epoch, rule=rule, gamma=gamma,
-                             seed=seed)
+                             seed=seed, dep=dep)
         self.recal_batches = recal_batches
+        self.on_events = on_events  # called with each adjustment's events (the suite stores them with the run)
+        self.module = module  # the submodule of the runner's model that grows ("" the whole model; "net" the suite's
+        #                       classifier's network, "backbone" a detector's), so that sites are named within it
         self.dyrep: DyRep | None = None
+
+    # the suite's training state (runners/train.py TrainState) carries this with its checkpoints
+    def checkpoint_state(self) -> dict:
+        return self.dyrep.state_dict()
+
+    def restore(self, state: dict, runner) -> None:
+        """Before the checkpoint's weights load: replay the structure (and refit the optimizer) it belongs to."""
+        self.dyrep.load_state_dict(state)
+        self._rewrap(runner)
+
+    def _rewrap(self, runner) -> None:
+        if isinstance(runner.model, MMDistributedDataParallel):
+            runner.model = MMDistributedDataParallel(module=runner.model.module, device_ids=runner.model.device_ids,
+                                                     find_unused_parameters=True)
 
     def before_train(self, runner):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        self.dyrep = DyRep(model, runner.optim_wrapper.optimizer, **self.settings)
+        self.dyrep = DyRep(model.get_submodule(self.module), runner.optim_wrapper.optimizer, **self.settings)
 
     def after_train_epoch(self, runner):
+        # runner.epoch is still the epoch just trained here (MMEngine advances it after this hook)
         if not self.dyrep.due(runner.epoch):
             return
-        model = self.dyrep.model
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
 
         def forward(batch):  # an MMEngine BaseModel: its preprocessor, then forward as train_step calls it
             model._run_forward(model.data_preprocessor(batch, False), mode="tensor")
@@ -318,8 +338,31 @@ class DyRepHook(Hook):
             batches = (b for _, b in zip(range(self.recal_batches), runner.train_dataloader))
             recalibrate_bn(block, model, batches, forward)
 
-        for event in self.dyrep.adjust(runner.epoch, recalibrate):
+        events = self.dyrep.adjust(runner.epoch, recalibrate)
+        for event in events:
             runner.logger.info(f"DyRep epoch {event.epoch + 1}: {event.kind} {event.site} {' '.join(event.branches)}")
-        if isinstance(runner.model, MMDistributedDataParallel):
-            runner.model = MMDistributedDataParallel(module=model, device_ids=runner.model.device_ids,
-                                                     find_unused_parameters=True)
+        if events and self.on_events is not None:
+            self.on_events(events)
+        self._rewrap(runner)
+
+
+def average_costs(build, events: list[Event], epochs: int, resolution: int) -> tuple[float, float]:
+    """Parameters and MACs of the training-form network averaged over ``epochs`` training epochs (DyRep's "Avg.
+    params / FLOPs"): epoch e trains the structure left by the events of epochs before e. ``build()``: the network
+    as it started."""
+    from runners.probes import _on_meta, count_macs, count_params
+    model = build()
+    replay = DyRep(model, gamma=GAMMA)
+    totals, done = [0.0, 0.0], 0
+    pending = sorted(events, key=lambda e: e.epoch)
+    for epoch in range(epochs):
+        applied = [e for e in pending if e.epoch < epoch]
+        if applied or epoch == 0:
+            pending = pending[len(applied):]
+            replay.load_state_dict({"events": [asdict(e) for e in applied], "saliency": replay.saliency.state_dict(),
+                                    "generator": replay.generator.get_state()})
+            params, macs = count_params(model), count_macs(_on_meta(model.eval()), resolution)
+        totals[0] += params
+        totals[1] += macs
+        done += 1
+    return totals[0] / done, totals[1] / done

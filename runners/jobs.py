@@ -159,6 +159,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                 "metrics": list(table.metrics), "code": code_fingerprint(),
                 **({"scales": scales} if scales else {}),
                 **({"optimizer": row.optimizer} if row.optimizer else {}),
+                **({"dyrep": row.dyrep.as_dict()} if row.dyrep else {}),
             }
             chash = config_hash({k: v for k, v in config.items() if k != "seed"})  # the seeds of one config share it
             spec = RunSpec(run_key(table.key, row.name, scale, seed, chash), table.key, row.name, scale, seed, chash,
@@ -461,7 +462,7 @@ def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_init
     setting = probes.CostSetting(recipe.cost_batch, recipe.cost_resolution, c["num_classes"], device,
                                  recipe.cost_warmup, recipe.cost_steps, recipe.memory_cap_gb, recipe.latency_batch,
                                  recipe.throughput_batch, max_batch_cap_gb=recipe.max_batch_cap_gb,
-                                 max_batch_high=recipe.max_batch_high)
+                                 max_batch_high=recipe.max_batch_high, macs_resolution=_counting_resolution(c, recipe))
     initial = {}
 
     def keep(name, model):
@@ -481,6 +482,41 @@ def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_init
         print(f"repbench worker: {job.label}: warning: the machine was busy: {load.describe()}", file=sys.stderr,
               flush=True)
     return initial.get(row)
+
+
+def _counting_resolution(c: dict, recipe) -> int:
+    """Params and MACs are counted at the paper's (test) resolution whatever the scale: 224 for ImageNet, 32 for
+    CIFAR, a row's own where it has one (RepOptimizers Table 3)."""
+    import suites
+    table = suites.get_table(c["table"])
+    return (table.recipe("paper", table.row(c["row"])) if "paper" in table.recipes else recipe).test_resolution
+
+
+def _training_costs(store: Store, claim, job: Job, recipe, result, dyrep, context: dict) -> None:
+    """What the training run itself cost, where the table asks: ``train_hours`` (wall time of the epochs x the
+    processes: device hours) and the averages over epochs of the training-form network's params and MACs (DyRep's
+    structure changes while it trains: rebuilt from its events; a fixed network: its own counts)."""
+    c = job.config
+    records = []
+    if "train_hours" in c["metrics"]:
+        seconds = sum(e["seconds"] for e in result.epochs)
+        records.append(MetricRecord("train_hours", seconds * c["world_size"] / 3600, "h",
+                                    method=f"wall time of {len(result.epochs)} epoch(s) x {c['world_size']} "
+                                           "process(es), validation excluded", **context))
+    if {"params_avg", "macs_avg"} & set(c["metrics"]):
+        from backbones import build_classifier
+        from .dyrep import average_costs
+        events = dyrep.dyrep.events if dyrep is not None else []
+        size = _counting_resolution(c, recipe)
+        params, macs = average_costs(lambda: build_classifier(c["arch"], c["rep"], c["num_classes"], c["variant"]),
+                                     events, recipe.epochs, size)
+        how = (f"training form, averaged over {recipe.epochs} epoch(s)"
+               + (f" of the structure rebuilt from {len(events)} event(s)" if dyrep is not None else ""))
+        records += [MetricRecord("params_avg", params, "params", method=how),
+                    MetricRecord("macs_avg", macs, "MACs", method=f"{how}; batch 1, {size}x{size}", batch=1,
+                                 resolution=size)]
+    if records:
+        store.log_metrics(claim.run_id, records, owner=claim.owner)
 
 
 def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> Outcome:
@@ -536,11 +572,26 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> O
             store.log_artifact(run_id, "log", str(log_file), log_file.stat().st_size, sha256_of(log_file), None,
                                owner=owner)
 
+    hooks, dyrep = [], None
+    if c.get("dyrep"):  # the plain network grows while it trains; every change stored as an event of the run
+        from .dyrep import DyRepHook
+        d = c["dyrep"]
+
+        def on_events(events):
+            from dataclasses import asdict
+            store.log_events(run_id, [asdict(e) for e in events], owner=owner)
+            for e in events:
+                log(f"DyRep after epoch {e.epoch + 1}: {e.kind} {e.site} {' '.join(e.branches)}")
+
+        dyrep = DyRepHook(recipe.dyrep_interval, recipe.dyrep_max_epoch, d["metric"], d["rule"], d["gamma"],
+                          d["recal_batches"], c["seed"], d["dep"], on_events if dist.is_main else None,
+                          module="net")  # train.py's ImageClassifier holds the network as .net
+        hooks.append(dyrep)
     try:
         result = train_classifier(model, recipe, Path(job.data_root), c["seed"], device, dist, c["grad_accum"],
                                   run_dir, log, on_epoch if dist.is_main else None, on_checkpoint,
                                   repoptimizer=bool(c.get("scales") and c["scales"]["grad_mult"]),
-                                  optimizer=c.get("optimizer"))
+                                  optimizer=c.get("optimizer"), hooks=hooks)
     except Diverged as e:
         if dist.is_main:
             log(f"diverged: {e}")
@@ -566,6 +617,7 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> O
                            owner=owner)
     for record in result.epochs:  # epochs trained before a resume: their metrics were cleared with the retry
         on_epoch(record)
+    _training_costs(store, claim, job, recipe, result, dyrep, context)
     if recipe.checkpoints:
         for form, weights in (("weights_train", model), ("weights_deploy", deploy(copy.deepcopy(model).eval()))):
             path = save_checkpoint(weights, run_dir / f"{form.replace('_', '-')}.pth", table=c["table"],

@@ -246,7 +246,11 @@ class TrainState(Hook):
     priority = "VERY_LOW"
 
     def __init__(self, dist: DistEnv, accum: int, steps_per_epoch: int, folder: Path | None,
-                 resume: dict | None, report: Callable[[dict], None], on_checkpoint: Callable | None):
+                 resume: dict | None, report: Callable[[dict], None], on_checkpoint: Callable | None,
+                 stateful: list | None = None):
+        # stateful: hooks whose state the checkpoints carry (checkpoint_state() / restore(state, runner), restored
+        # before the weights: DyRep's structure)
+        self.stateful = stateful or []
         self.dist, self.accum, self.steps_per_epoch = dist, accum, steps_per_epoch
         self.folder, self.resume, self.report, self.on_checkpoint = folder, resume, report, on_checkpoint
         self.history: list[dict] = list(resume["history"]) if resume else []
@@ -266,6 +270,8 @@ class TrainState(Hook):
         if self.resume is None:
             return
         state = self.resume
+        for hook, hook_state in zip(self.stateful, state.get("hooks", []), strict=True):
+            hook.restore(hook_state, runner)
         _unwrap(runner.model).load_state_dict(state["model"])
         runner.optim_wrapper.load_state_dict(state["optimizer"])
         for scheduler, scheduler_state in zip(runner.param_schedulers, state["schedulers"]):
@@ -336,6 +342,7 @@ class TrainState(Hook):
                      # the running loss of a partly trained epoch; an epoch-end state starts the next at zero
                      "loss_sum": self.loss_sum if micro else 0.0, "loss_count": self.loss_count if micro else 0,
                      "history": self.history,
+                     "hooks": [hook.checkpoint_state() for hook in self.stateful],
                      "rng": _rng_state()}
             path, size, sha = write_checkpoint(state, self.folder, name)
             for old in checkpoints_in(self.folder)[KEEP_CHECKPOINTS:]:
@@ -362,7 +369,8 @@ ADAPTIVE = {"rmsprop": "RMSprop", "adam": "Adam", "adamw": "AdamW", "adafactor":
 
 
 def optim_wrapper_cfg(recipe, grad_accum: int = 1, repoptimizer: bool = False, optimizer: str | None = None) -> dict:
-    """SGD as the recipe says, accumulating ``grad_accum`` micro-batches per step. OREPA's code: every parameter whose
+    """SGD as the recipe says, accumulating ``grad_accum`` micro-batches per step (``recipe.decay_all``: weight decay
+    on every parameter, no other rule). OREPA's code: every parameter whose
     name contains "bias" gets lr x2 and no decay, BN weights no decay, everything else (scaling vectors included) is
     decayed; mmengine's own ``bias_lr_mult`` would skip the BN biases (``bias_lr_mult_norm=False`` selects it).
     ``recipe.decay_1d=False``: no 1-D parameter decayed (RepOptimizers' code). ``repoptimizer``: the RepOptimizer
@@ -370,13 +378,18 @@ def optim_wrapper_cfg(recipe, grad_accum: int = 1, repoptimizer: bool = False, o
     which refuses gradient clipping. ``optimizer``: a row's adaptive optimizer instead of SGD (suites.OPTIMIZERS:
     torch's defaults, ``recipe.adaptive_lr``, the recipe's weight decay and paramwise rules); with ``repoptimizer``
     only ``adamw`` (the RepOptimizer's AdamW form, Grad Mults of power 1)."""
-    paramwise = dict(norm_decay_mult=0.0, bias_decay_mult=0.0)
-    if not recipe.decay_1d:
-        paramwise["flat_decay_mult"] = 0.0
-    if recipe.bias_lr_mult_norm:
-        paramwise["custom_keys"] = {"bias": dict(lr_mult=recipe.bias_lr_mult, decay_mult=0.0)}
+    if recipe.decay_all:  # one rule for every parameter (DyRep's CIFAR recipe)
+        if recipe.bias_lr_mult != 1.0:
+            raise ValueError("decay_all is one rule for every parameter: the bias lr multiplier must be 1")
+        paramwise = {}
     else:
-        paramwise["bias_lr_mult"] = recipe.bias_lr_mult
+        paramwise = dict(norm_decay_mult=0.0, bias_decay_mult=0.0)
+        if not recipe.decay_1d:
+            paramwise["flat_decay_mult"] = 0.0
+        if recipe.bias_lr_mult_norm:
+            paramwise["custom_keys"] = {"bias": dict(lr_mult=recipe.bias_lr_mult, decay_mult=0.0)}
+        else:
+            paramwise["bias_lr_mult"] = recipe.bias_lr_mult
     if optimizer not in (None, "sgd", *ADAPTIVE):
         raise ValueError(f"unknown optimizer {optimizer!r}; expected one of sgd, {', '.join(ADAPTIVE)}")
     if optimizer in ADAPTIVE:
@@ -460,8 +473,10 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
         if on_epoch and dist.is_main:
             on_epoch(record)
 
+    hooks = list(hooks or [])
     state_hook = TrainState(dist, grad_accum, steps_per_epoch, folder, resume, report,
-                            on_checkpoint if dist.is_main else None)
+                            on_checkpoint if dist.is_main else None,
+                            [hook for hook in hooks if hasattr(hook, "checkpoint_state")])
     scratch = None if run_dir is not None else tempfile.TemporaryDirectory(prefix="repbench-run-")
     work_dir = Path(run_dir) if run_dir is not None else Path(scratch.name)
     runner = Runner(
@@ -476,7 +491,7 @@ def train_classifier(net: nn.Module, recipe, data_root: Path, seed: int = 0, dev
         param_scheduler=schedulers,
         default_hooks=dict(checkpoint=None, param_scheduler=None,
                            logger=dict(type="LoggerHook", interval=50, log_metric_by_epoch=True)),
-        custom_hooks=[OptimizerStepScheduler(grad_accum), state_hook, *(hooks or [])],
+        custom_hooks=[OptimizerStepScheduler(grad_accum), state_hook, *hooks],
         randomness=dict(seed=seed),
         launcher="pytorch" if dist.distributed else "none",
         env_cfg=dict(cudnn_benchmark=False,

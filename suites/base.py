@@ -33,6 +33,11 @@ METRICS = {m.name: m for m in (
     # the largest batch that trains a step within the memory budget (RepOptimizers Table 2's "Train MaxBS")
     MetricSpec("max_batch_size", "images", "Train MaxBS", "cost", True),
     MetricSpec("throughput", "img/s", "Throughput", "cost", True),  # deployed forward, the inference probe
+    # the training run's own wall time x its devices (DyRep's "Cost (GPU hrs.)"), not a probe
+    MetricSpec("train_hours", "h", "Cost (device hours)", "cost", False),
+    # averages over the training epochs of the training-form network (DyRep's structure changes while it trains)
+    MetricSpec("params_avg", "", "Avg. params (training)", "size", False),
+    MetricSpec("macs_avg", "", "Avg. FLOPs (training)", "size", False),
     # exact counts from the architecture (MACs of one 224x224 image: the papers' "FLOPs"); the report's size family
     MetricSpec("params_deploy", "", "Params (deploy)", "size", False),
     MetricSpec("macs_deploy", "", "MACs (deploy)", "size", False),
@@ -142,6 +147,31 @@ class Scales:
         return asdict(self)
 
 
+DYREP_METRICS = ("synflow", "snip", "grad_norm", "random")
+DYREP_RULES = ("paper", "code")
+
+
+@dataclass(frozen=True)
+class DyRep:
+    """How a ``dyrep`` row grows and cuts (runners/dyrep.py); the interval and last epoch are the recipe's
+    (Recipe.dyrep_interval / dyrep_max_epoch: they scale with the schedule)."""
+
+    metric: str = "synflow"      # saliency (DyRep Eq. 3-4; Table 10 compares the others)
+    rule: str = "code"           # Dep: the official code's (std gate 0.02, cut below the mean and 0.1) or the paper's
+    gamma: float = 0.01          # the new branches' last-BN scale (Sec. 4.1)
+    recal_batches: int = 20      # BN recalibration of a grown block (the official code's 20)
+    dep: bool = True             # Table 6: with / without Dep
+
+    def __post_init__(self):
+        if self.metric not in DYREP_METRICS:
+            raise ValueError(f"unknown DyRep metric {self.metric!r}; expected one of {DYREP_METRICS}")
+        if self.rule not in DYREP_RULES:
+            raise ValueError(f"unknown DyRep rule {self.rule!r}; expected one of {DYREP_RULES}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -155,8 +185,11 @@ class Row:
     # Where this row's recipe departs from its table's, per scale: {scale: {Recipe field: value}} (e.g. RepOptimizers
     # Table 5's Caltech256 target, Table 3's per-row resolutions). Table.recipe(scale, row) applies them.
     recipe: dict[str, dict] = field(default_factory=dict)
+    dyrep: DyRep | None = None  # rep "dyrep": how its convs grow and are cut
 
     def __post_init__(self):
+        if (self.rep == "dyrep") != (self.dyrep is not None):
+            raise ValueError(f"{self.name}: rep 'dyrep' rows, and only they, say how they grow (Row.dyrep)")
         if (self.rep == "repopt") != (self.scales is not None):
             raise ValueError(f"{self.name}: rep 'repopt' rows, and only they, say where their scales come from "
                              "(Row.scales)")
@@ -206,10 +239,13 @@ class Recipe:
     label_smoothing: float = 0.0
     clip_grad: float | None = None  # max global L2 norm of the gradient (None: no clipping)
     adaptive_lr: float = 1e-3    # lr of a row's adaptive optimizer (Row.optimizer: RMSprop, Adam, AdamW, Adafactor)
+    decay_all: bool = False      # weight decay on every parameter, BN and biases too (DyRep's CIFAR recipe)
     decay_1d: bool = True        # weight decay on 1-D parameters other than biases and BN (OREPA's scaling vectors:
     #                              decayed; RepOptimizers' code decays no 1-D parameter: False)
     eval_crop: float = 0.875     # ImageNet evaluation: resize to resolution / eval_crop, centre-crop (224 of 256)
     eval_resolution: int | None = None  # ... at this resolution instead of the training one (RepOpt Table 3's 224/320)
+    dyrep_interval: int = 1      # DyRep: grow / cut after every this many epochs ... (paper t: 15 CIFAR, 5 ImageNet)
+    dyrep_max_epoch: int | None = None  # ... before this epoch (official: 500 of 600 CIFAR, 100 of 120 ImageNet)
     randaugment: int | None = None  # ImageFolder training: torchvision's RandAugment (2 ops) at this magnitude of 31
     #                                 bins after the crop and flip (None: none); RepOptimizers' target: 15
     checkpoints: bool = True     # a checkpoint per epoch and on SIGTERM/SIGUSR2 (smoke and cost-only runs: none)
@@ -254,7 +290,8 @@ class Recipe:
                   else f"{self.warmup_epochs:g} epochs" if self.warmup_epochs else "none")
         return {"follows": self.follows, "warmup": warmup,
                 "bias lr": f"x{self.bias_lr_mult:g}" + (" (BN biases too)" if self.bias_lr_mult_norm else ""),
-                "weight decay": f"{self.weight_decay:g} (not on biases or BN; "
+                "weight decay": f"{self.weight_decay:g} (every parameter)" if self.decay_all else
+                                f"{self.weight_decay:g} (not on biases or BN; "
                                 f"{'scaling vectors decayed' if self.decay_1d else 'no 1-D parameter decayed'})",
                 "label smoothing": f"{self.label_smoothing:g}", "nesterov": self.nesterov,
                 "grad clip": f"L2 norm {self.clip_grad:g}" if self.clip_grad else "none",

@@ -305,3 +305,60 @@ def test_the_hook_grows_a_conv_during_mmengine_training(tmp_path):
     assert [e.epoch for e in grows] == [0, 1] and len({e.site for e in grows}) == 2
     assert sum(isinstance(m, MultiBranchConv) for m in net.modules()) == 2
     assert sum(p.numel() for p in deploy(net).parameters()) == plain
+
+
+def test_a_resumed_run_continues_with_the_grown_network(tmp_path):
+    """Checkpoints carry DyRep's events and scores: a run stopped after its first epoch (one conv grown) and started
+    again from its checkpoint on a fresh plain network rebuilds the grown structure before loading the weights (a
+    strict load) and grows a second conv after the next epoch."""
+    import runners.dyrep  # noqa: F401
+    from mmengine.registry import HOOKS
+    from runners.train import train_classifier
+    from suites import Recipe
+
+    def run(epochs):
+        torch.manual_seed(0)
+        net = build_classifier("vgg16_cifar", "dyrep", 4)
+        hook = HOOKS.build(dict(type="repbench.DyRepHook", interval=1, recal_batches=1, module="net"))
+        recipe = Recipe(dataset="synthetic_cifar", resolution=32, batch=2, epochs=epochs, max_iters=1)
+        train_classifier(net, recipe, tmp_path / "data", run_dir=tmp_path / "run", hooks=[hook])
+        return net, hook
+
+    first, hook = run(1)
+    assert [e.kind for e in hook.dyrep.events] == ["grow"]
+    resumed, hook = run(2)  # resumes from the epoch-1 checkpoint, trains epoch 2
+    assert [(e.epoch, e.kind) for e in hook.dyrep.events] == [(0, "grow"), (1, "grow")]
+    assert all(isinstance(resumed.get_submodule(e.site), MultiBranchConv) for e in hook.dyrep.events)
+    assert sum(isinstance(m, MultiBranchConv) for m in resumed.modules()) == 2
+
+
+def test_dyrep_table2_smoke_records_events_and_averages_over_training(tmp_path):
+    """run_suite dyrep.table2 at smoke, its CIFAR-10 Origin and DyRep rows: DyRep's growths are events of its run;
+    its average training-form params and MACs (rebuilt from the events) exceed Origin's, whose averages are its
+    own counts; the report puts them beside the printed averages."""
+    import json
+    import sqlite3
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli("dyrep.table2", "--only", "CIFAR-10/Origin", "CIFAR-10/DyRep", "--db", f"sqlite:///{db}",
+                   "--data-root", str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        events = c.execute("SELECT row_name, epoch, kind, site, branches FROM events JOIN runs ON runs.id = run_id "
+                           "ORDER BY events.id").fetchall()
+        values = {(row, name): value for row, name, value in c.execute(
+            "SELECT row_name, name, value FROM metrics JOIN runs ON runs.id = run_id")}
+    assert [(row, epoch, kind) for row, epoch, kind, _, _ in events] == [("CIFAR-10/DyRep", 0, "grow"),
+                                                                          ("CIFAR-10/DyRep", 1, "grow")]
+    assert all(site.endswith(".conv") and "origin" in json.loads(branches) for *_, site, branches in events)
+    origin, dyrep = "CIFAR-10/Origin", "CIFAR-10/DyRep"
+    assert values[(origin, "params_avg")] == values[(origin, "params_train")]
+    # at 32x32 as the paper: CIFAR-10's 313,463,808 MACs with smoke's 4-class head instead of 10 classes
+    assert values[(origin, "macs_avg")] == values[(origin, "macs_train")] == 313_463_808 - 512 * (10 - 4)
+    assert values[(dyrep, "params_avg")] > values[(origin, "params_avg")]
+    assert values[(dyrep, "macs_avg")] > values[(origin, "macs_avg")]
+    assert values[(dyrep, "train_hours")] > 0
+    assert run_cli("report", "dyrep.table2", "--db", f"sqlite:///{db}", "--out", str(tmp_path / "out"),
+                   cwd=tmp_path).returncode == 0
+    text = (tmp_path / "out" / "dyrep.table2.md").read_text()
+    assert "| CIFAR-10/DyRep | 14.98M | 14.98M | 313.46M | 313.46M | 26.4 M |" in text

@@ -52,7 +52,20 @@ def repvgg_params(layers, widths, grouped_layers=(), groups=1, classes=1000):
 
 
 EVEN = tuple(range(2, 27, 2))
+VGG16_CIFAR = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg_params(widths=VGG16_CIFAR, classes=1000):
+    """Deployed VGG-16 for CIFAR: 13 3x3 convs with bias, Linear 512 -> 512, the classifier."""
+    total, cin = 0, 3
+    for w in widths:
+        if w != "M":
+            total, cin = total + conv(cin, w, 3), w
+    return total + 512 * 512 + 512 + 512 * classes + classes
+
+
 EXPECTED = {
+    "vgg16_cifar": vgg_params(),
     "resnet18": resnet_params((2, 2, 2, 2), False), "resnet34": resnet_params((3, 4, 6, 3), False),
     "resnet50": resnet_params((3, 4, 6, 3), True), "resnet101": resnet_params((3, 4, 23, 3), True),
     "resnext50_32x4d": resnet_params((3, 4, 6, 3), True, groups=32, base_width=4),
@@ -329,3 +342,14 @@ def test_repopt_vgg_with_se_deploys_exactly_and_adds_one_se_per_3x3_conv(dtype):
     widths = [m.out_channels for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(widths) == 22  # RepVGG-A0: stem + 2 + 4 + 14 + 1
     assert n_params(model) - n_params(plain) == sum(2 * c * (c // 4) + c // 4 + c for c in widths)
+
+
+def test_vgg16_cifar_is_dyrep_table_2s_origin():
+    """DyRep Table 2's Origin VGG-16 on CIFAR-10: 15.0 M parameters and 313 M FLOPs (multiply-accumulates at
+    32x32), as printed (rounded); the DBB training form is far larger, the dyrep form starts as the plain one."""
+    from runners.probes import count_macs
+    model = deploy(build_classifier("vgg16_cifar", "none", 10))
+    assert n_params(model) == vgg_params(classes=10) == 14_982_474 and round(n_params(model) / 1e6, 1) == 15.0
+    assert round(count_macs(model, 32) / 1e6) == 313
+    assert n_params(build_classifier("vgg16_cifar", "dyrep", 10)) == n_params(build_classifier("vgg16_cifar", "none", 10))
+    assert n_params(build_classifier("vgg16_cifar", "dbb", 10)) > 2 * n_params(model)

@@ -31,11 +31,11 @@ def spec(row="ResNet-18/None", seed=0, config=None):
 
 
 def test_migrations_from_empty_reach_head(store):
-    assert store.schema_revision() == "0004"
+    assert store.schema_revision() == "0005"
     tables = set(inspect(store.engine).get_table_names())
-    assert {"runs", "params", "metrics", "environments", "artifacts", "attempts", "alembic_version"} <= tables
+    assert {"runs", "params", "metrics", "environments", "artifacts", "attempts", "events", "alembic_version"} <= tables
     store.upgrade()  # idempotent
-    assert store.schema_revision() == "0004"
+    assert store.schema_revision() == "0005"
 
 
 def test_round_trip(store):
@@ -86,6 +86,23 @@ def test_artifacts_and_per_epoch_metrics(store):
         store.log_artifact(run.id, "photo", "/a/x.png", 1, "4" * 64)
     store.remove_artifacts(run.id)
     assert store.artifacts_frame(run.id).empty
+
+
+def test_structure_events_in_order_and_recorded_once(store):
+    """DyRep's grow / cut / collapse of a run, in order, branches as lists; the same event logged again (a resumed
+    run repeating an adjustment its checkpoint did not hold) replaces the first record; an unknown kind is refused."""
+    run = store.ensure_run(spec())
+    store.claim(run.id, lease_s=60, pid=1, host="h", executor="local")
+    grow = {"epoch": 0, "kind": "grow", "site": "layer1.0.conv1.conv", "branches": ["origin", "1x1"], "score": 0.5}
+    store.log_events(run.id, [grow, {"epoch": 1, "kind": "cut", "site": "layer1.0.conv1.conv", "branches": ["1x1"]}])
+    store.log_events(run.id, [{**grow, "score": 0.75}])
+    events = store.events_frame("orepa.table4")
+    assert list(zip(events.epoch, events.kind, events.branches)) == [(0, "grow", ["origin", "1x1"]),
+                                                                    (1, "cut", ["1x1"])]
+    assert events.score.iloc[0] == 0.75 and events.score.isna().iloc[1]
+    with pytest.raises(ValueError, match="unknown event kind"):
+        store.log_events(run.id, [{"epoch": 2, "kind": "prune", "site": "x"}])
+    assert len(store.events_frame(run_id=run.id)) == 2
 
 
 def test_run_keys_are_idempotent(store):
