@@ -139,7 +139,8 @@ class _Row:
     def __init__(self, row, runs: pd.DataFrame, metrics: pd.DataFrame, envs: dict, lineage: dict | None = None):
         current, self.old = current_runs(runs)
         self.row, self.runs = row, current
-        self.status = ", ".join(sorted(set(current.status))) or "not run"
+        self.status = ", ".join(sorted(set(current.status))) or (f"not run ({row.declared})" if row.declared
+                                                                  else "not run")
         failed = current[current.status == "failed"]
         self.error = first_line(failed.error.iloc[-1]) if len(failed) else ""
         done_ids = set(current[current.status.isin(DONE)].id)

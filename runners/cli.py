@@ -146,9 +146,11 @@ def _validated_run(args):
         args.only = list(dict.fromkeys(args.only))  # a row given twice is planned once
     for name in args.only or []:
         try:
-            table.row(name)
+            row = table.row(name)
         except KeyError as e:
             raise BadInput(e.args[0]) from None
+        if row.declared:
+            raise BadInput(f"{table.key} / {name} is declared only, not run: {row.declared}")
     if args.seeds is None:
         args.seeds = table.recipes[args.scale].seeds
     if args.seeds < 1:
@@ -156,7 +158,7 @@ def _validated_run(args):
     if args.devices < 1:
         raise BadInput("--devices must be >= 1")
     from runners.jobs import batch_plan, row_recipe
-    rows = [table.row(name) for name in args.only] if args.only else table.rows
+    rows = [table.row(name) for name in args.only] if args.only else [r for r in table.rows if not r.declared]
     data_root = resolve_data_root(args.data_root)
     recipes = {row.name: row_recipe(table, args.scale, row, args.follow, data_root) for row in rows}
     try:

@@ -98,7 +98,7 @@ def batch_plan(recipe, devices: int) -> dict:
             "paper_devices": recipe.devices, "paper_global_batch": recipe.global_batch}
 
 
-def row_recipe(table, scale: str, row, follow: str, data_root) -> "suites.Recipe":
+def row_recipe(table, scale: str, row, follow: str, data_root):
     """The recipe ``row`` of ``table`` runs with: the table's, the row's departures (Row.recipe), the code's or the
     paper text's choices (``follow``); at mini scale, the paper's own dataset instead of the digits stand-in where
     ``data_root`` holds it (CIFAR-100, ImageNet, Caltech256; the mini recipe otherwise unchanged, recorded in the run's
@@ -126,7 +126,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
     from backbones import resolve_variant
     from .data import NUM_CLASSES
 
-    rows = [table.row(name) for name in only] if only else list(table.rows)
+    rows = [table.row(name) for name in only] if only else [row for row in table.rows if not row.declared]
     costs = {"train_memory", "time_per_batch", "train_speed", "max_batch_size"} & set(table.metrics)
 
     def model_of(row) -> dict:
@@ -440,8 +440,6 @@ def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_init
     timing. Each model is built once; ``keep_initial``: returns a copy of the row's model as built (the training run
     starts from it)."""
     import copy
-
-    import torch
 
     from backbones import deploy
     from . import probes

@@ -186,9 +186,10 @@ class Row:
     # Table 5's Caltech256 target, Table 3's per-row resolutions). Table.recipe(scale, row) applies them.
     recipe: dict[str, dict] = field(default_factory=dict)
     dyrep: DyRep | None = None  # rep "dyrep": how its convs grow and are cut
+    declared: str = ""  # why this row is shown with its printed values but not run (e.g. its model is not built)
 
     def __post_init__(self):
-        if (self.rep == "dyrep") != (self.dyrep is not None):
+        if (self.rep == "dyrep") != (self.dyrep is not None) and not self.declared:
             raise ValueError(f"{self.name}: rep 'dyrep' rows, and only they, say how they grow (Row.dyrep)")
         if (self.rep == "repopt") != (self.scales is not None):
             raise ValueError(f"{self.name}: rep 'repopt' rows, and only they, say where their scales come from "

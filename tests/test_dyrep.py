@@ -362,3 +362,46 @@ def test_dyrep_table2_smoke_records_events_and_averages_over_training(tmp_path):
                    cwd=tmp_path).returncode == 0
     text = (tmp_path / "out" / "dyrep.table2.md").read_text()
     assert "| CIFAR-10/DyRep | 14.98M | 14.98M | 313.46M | 313.46M | 26.4 M |" in text
+
+
+def test_without_dep_nothing_is_cut():
+    """DyRep Table 6's "w/o Dep": the same adjustment grows but never cuts, however spread the gammas."""
+    from runners.dyrep import DyRep
+    for dep, cuts in ((True, 1), (False, 0)):
+        net = _two_site_net()
+        dyrep = DyRep(net, None, "random", dep=dep)
+        dyrep.saliency.sums, dyrep.saliency.counts = {"0.conv": 1.0, "2.conv": 2.0}, {"0.conv": 1, "2.conv": 1}
+        dyrep.adjust(0)
+        with torch.no_grad():
+            for i, bn in enumerate(n for k, n in net.get_submodule("2.conv").norms.items() if k != "origin"):
+                bn.weight.fill_(0.5 if i % 2 else 0.001)
+        events = dyrep.adjust(1)
+        assert [e.kind for e in events].count("cut") == cuts, dep
+
+
+def test_dyrep_tables_are_declared_as_printed(tmp_path):
+    """Printed values of DyRep Tables 2, 3, 6, 9 and 10 as printed; rows whose model or metric is not built are
+    declared (shown, not run): the plan skips them and naming one is a one-line error, exit 2."""
+    import suites
+    from runners.jobs import plan
+    from test_cli import run_cli
+    t2, t3, t6, t9, t10 = (suites.get_table(f"dyrep.table{n}") for n in (2, 3, 6, 9, 10))
+    assert t2.row("CIFAR-10/DyRep").paper["macs_avg"].text == "597 M" and t2.row("CIFAR-100/DyRep").paper[
+        "params_avg"].text == "27.1 M"
+    assert t2.recipe("paper", t2.row("CIFAR-100/DBB")).dataset == "cifar100"
+    paper = t2.recipes["paper"]
+    assert (paper.epochs, paper.batch, paper.lr, paper.dyrep_interval, paper.dyrep_max_epoch) == (600, 128, 0.1, 15, 500)
+    assert paper.decay_all and not paper.nesterov
+    assert [r.paper["top1"].text for r in t6.rows] == ["94.68±0.08", "95.22±0.13", "95.03±0.15"]
+    assert t6.row("DyRep w/o Dep").dyrep.dep is False
+    assert [t9.recipe("paper", r).dyrep_interval for r in t9.rows[2:]] == [5, 10, 15, 30, 50]
+    assert t3.row("ResNet-18/Origin").paper["top1"].text == "69.54" and t3.recipes["paper"].nesterov
+    declared = {r.name for t in (t3, t10) for r in t.rows if r.declared}
+    assert declared == {"MobileNet/Origin", "MobileNet/DBB", "MobileNet/DyRep", "CIFAR-10/grasp", "CIFAR-10/vote",
+                        "CIFAR-100/grasp", "CIFAR-100/vote"}
+    assert t10.row("CIFAR-100/synflow").paper["top1"].text == "74.91"
+    jobs = plan(t10, "smoke", 1, None, str(tmp_path), "sqlite://")
+    assert len(jobs) == 10 and not {j.spec.row_name for j in jobs} & declared
+    done = run_cli("dyrep.table3", "--only", "MobileNet/DyRep", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().endswith("MobileNetV1 is not built yet")
+    assert len(done.stderr.strip().splitlines()) == 1

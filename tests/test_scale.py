@@ -4,7 +4,6 @@ Real processes everywhere: gloo process groups on CPU, MMEngine's Runner, SIGKIL
 process, checkpoints written to disk and truncated by hand.
 """
 
-import json
 import multiprocessing as mp
 import os
 import signal

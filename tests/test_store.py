@@ -1,7 +1,6 @@
 """The results store on SQLite and on a real PostgreSQL server started by the tests."""
 
 import math
-import time
 
 import pytest
 from sqlalchemy import inspect, text
