@@ -241,12 +241,10 @@ class DyRep:
         return {"events": [asdict(e) for e in self.events], "saliency": self.saliency.state_dict(),
                 "generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Replay the events on this (fresh) model, the optimizer refitted: the structure the checkpoint's weights
-        and optimizer state belong to (load those after this)."""
+    def replay(self, events: list[Event]) -> dict:
+        """Apply ``events`` to this model; the new parameters' twins (refit_optimizer)."""
         twins = {}
-        for data in state["events"]:
-            event = Event(**data)
+        for event in events:
             if event.kind == "grow":
                 twins.update(self._grow(event.site, tuple(event.branches))[1])
             elif event.kind == "cut":
@@ -254,6 +252,12 @@ class DyRep:
             else:
                 twins.update(self._collapse(self.model.get_submodule(event.site.rsplit(".", 1)[0])))
             self.events.append(event)
+        return twins
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replay the events on this (fresh) model, the optimizer refitted: the structure the checkpoint's weights
+        and optimizer state belong to (load those after this)."""
+        twins = self.replay([Event(**data) for data in state["events"]])
         if self.optimizer is not None:
             refit_optimizer(self.optimizer, self.model, twins)
         self.saliency.load_state_dict(state["saliency"])
@@ -346,23 +350,26 @@ class DyRepHook(Hook):
         self._rewrap(runner)
 
 
+def replay(model: nn.Module, events: list[Event]) -> None:
+    """The structure ``events`` describe, on ``model`` (the plain network they started from)."""
+    DyRep(model).replay(events)
+
+
 def average_costs(build, events: list[Event], epochs: int, resolution: int) -> tuple[float, float]:
     """Parameters and MACs of the training-form network averaged over ``epochs`` training epochs (DyRep's "Avg.
-    params / FLOPs"): epoch e trains the structure left by the events of epochs before e. ``build()``: the network
-    as it started."""
+    params / FLOPs"): epoch e trains the structure left by the events of epochs before e (a fixed structure's events
+    carry epoch -1). ``build()``: the network as it started."""
     from runners.probes import _on_meta, count_macs, count_params
     model = build()
-    replay = DyRep(model, gamma=GAMMA)
-    totals, done = [0.0, 0.0], 0
+    grower = DyRep(model)
+    totals = [0.0, 0.0]
     pending = sorted(events, key=lambda e: e.epoch)
     for epoch in range(epochs):
         applied = [e for e in pending if e.epoch < epoch]
         if applied or epoch == 0:
             pending = pending[len(applied):]
-            replay.load_state_dict({"events": [asdict(e) for e in applied], "saliency": replay.saliency.state_dict(),
-                                    "generator": replay.generator.get_state()})
+            grower.replay(applied)
             params, macs = count_params(model), count_macs(_on_meta(model.eval()), resolution)
         totals[0] += params
         totals[1] += macs
-        done += 1
-    return totals[0] / done, totals[1] / done
+    return totals[0] / epochs, totals[1] / epochs

@@ -148,6 +148,14 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                 scales["run_key"] = upstream.spec.run_key
                 if all(job.spec.run_key != upstream.spec.run_key for job in jobs):
                     jobs.append(upstream)
+        structure = None
+        if row.structure is not None:  # the grown structure of another run (planned first, once)
+            source = suites.get_table(row.structure.table)
+            upstream = plan(source, scale, 1, [row.structure.row], data_root, db_url, executor, devices, follow,
+                            artifacts_root, False, since_ms)[0]
+            structure = {**row.structure.as_dict(scale), "run_key": upstream.spec.run_key}
+            if all(job.spec.run_key != upstream.spec.run_key for job in jobs):
+                jobs.append(upstream)
         # the group's baseline model is re-measured in every row's run, interleaved with the row's own (its ratios)
         baseline = table.baseline_of(row) if costs else None
         for seed in range(seeds):
@@ -160,6 +168,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                 **({"scales": scales} if scales else {}),
                 **({"optimizer": row.optimizer} if row.optimizer else {}),
                 **({"dyrep": row.dyrep.as_dict()} if row.dyrep else {}),
+                **({"structure": structure} if structure else {}),
             }
             chash = config_hash({k: v for k, v in config.items() if k != "seed"})  # the seeds of one config share it
             spec = RunSpec(run_key(table.key, row.name, scale, seed, chash), table.key, row.name, scale, seed, chash,
@@ -302,18 +311,19 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
             recipe = Recipe.from_dict(c["recipe"])
             trains = "top1" in c["metrics"] and recipe.train_accuracy
             model = None
+            fixed = _structure_events(store, job) if c.get("structure") else []  # a structure another run grew
             if dist.is_main:
                 store.log_environment(run_id, environment(device), owner=claim.owner)
                 if c["seed"] == 0:  # costs do not depend on the seed: measured once per row (their spread comes
                     # from the probes' repeated, interleaved steps), in seed 0's run
-                    model = _measure_costs(store, claim, job, recipe, device, keep_initial=trains)
+                    model = _measure_costs(store, claim, job, recipe, device, keep_initial=trains, structure=fixed)
             outcome = Outcome("finished")
             if trains:
                 if model is None:  # the other ranks build it with the same seed (DDP broadcasts rank 0's anyway)
-                    model = _seeded_build(c["seed"], c["arch"], c["rep"], c["num_classes"], c["variant"])
+                    model = _seeded_build(c["seed"], c["arch"], c["rep"], c["num_classes"], c["variant"], fixed)
                 if c.get("scales"):
                     _apply_scales(store, claim, job, model, dist)
-                outcome = _train(store, claim, job, model, recipe, device, dist)
+                outcome = _train(store, claim, job, model, recipe, device, dist, fixed)
             if dist.is_main:
                 run_status = "scheduled" if outcome.status == "preempted" else outcome.status
                 store.finish_run(run_id, run_status, error=outcome.error, diverged_step=outcome.diverged_step,
@@ -360,41 +370,63 @@ def _requeue(slurm_job_id: str) -> None:
               flush=True)
 
 
-def _seeded_build(seed: int, arch: str, rep: str, num_classes: int, variant):
-    """The row's model with its initial weights drawn from the run's seed, whatever ran before."""
+def _seeded_build(seed: int, arch: str, rep: str, num_classes: int, variant, structure: list | None = None):
+    """The row's model with its initial weights drawn from the run's seed, whatever ran before; ``structure``: the
+    events of a grown structure replayed on it (runners/dyrep.py)."""
     import torch
 
     from backbones import build_classifier
     torch.manual_seed(seed)
-    return build_classifier(arch, rep, num_classes, variant)
+    model = build_classifier(arch, rep, num_classes, variant)
+    if structure:
+        from .dyrep import replay
+        replay(model, structure)
+    return model
 
 
-def _upstream_scales(store: Store, job: Job, run_key: str, poll_s: float = 10.0) -> tuple[Path, int, str]:
-    """The scales file of the finished Hyper-Search run ``run_key`` (path, size, sha256, verified). While another
-    worker runs it (a Slurm array runs rows side by side) this waits; a failed or diverged source fails the row."""
+def _finished_upstream(store: Store, job: Job, run_key: str, what: str, poll_s: float = 10.0):
+    """The finished run ``run_key`` this row consumes (its ``what``: scales, structure). While another worker runs it
+    (a Slurm array runs rows side by side) this waits; a failed or diverged source fails the row."""
     said = False
     while True:
         run = store.get_run(run_key)
         if run is None:
-            raise RuntimeError(f"its scales source run {run_key[:12]} is not in the database (run_suite plans it with "
+            raise RuntimeError(f"its {what} source run {run_key[:12]} is not in the database (run_suite plans it with "
                                "the row: run the row's table again)")
         if run.status == "finished":
-            files = store.artifacts_frame(run.id)
-            files = files[files.kind == "scales"]
-            if files.empty:
-                raise RuntimeError(f"its scales source, run {run.id} ({run.row_name}), recorded no scales file")
-            path, size, sha = Path(files.path.iloc[-1]), int(files.size_bytes.iloc[-1]), files.sha256.iloc[-1]
-            if _sha256(path) != sha:
-                raise RuntimeError(f"the scales file {path} of run {run.id} ({run.row_name}) is missing or changed "
-                                   f"since it was recorded (sha256 {sha[:12]})")
-            return path, size, sha
+            return run
         if run.status in ("failed", "diverged"):
-            raise RuntimeError(f"its scales source, run {run.id} ({run.row_name}), {run.status}: no scales to use")
+            raise RuntimeError(f"its {what} source, run {run.id} ({run.row_name}), {run.status}: no {what} to use")
         if not said:
-            print(f"repbench worker: {job.label}: waiting for its scales source, run {run.id} ({run.row_name}, "
+            print(f"repbench worker: {job.label}: waiting for its {what} source, run {run.id} ({run.row_name}, "
                   f"{run.status})", file=sys.stderr, flush=True)
             said = True
         time.sleep(poll_s)
+
+
+def _upstream_scales(store: Store, job: Job, run_key: str) -> tuple[Path, int, str]:
+    """The scales file of the finished Hyper-Search run ``run_key`` (path, size, sha256, verified)."""
+    run = _finished_upstream(store, job, run_key, "scales")
+    files = store.artifacts_frame(run.id)
+    files = files[files.kind == "scales"]
+    if files.empty:
+        raise RuntimeError(f"its scales source, run {run.id} ({run.row_name}), recorded no scales file")
+    path, size, sha = Path(files.path.iloc[-1]), int(files.size_bytes.iloc[-1]), files.sha256.iloc[-1]
+    if _sha256(path) != sha:
+        raise RuntimeError(f"the scales file {path} of run {run.id} ({run.row_name}) is missing or changed "
+                           f"since it was recorded (sha256 {sha[:12]})")
+    return path, size, sha
+
+
+def _structure_events(store: Store, job: Job) -> list:
+    """The structure events of the row's source run up to the row's epoch (DyRep Table 7's "DyRep-N": the structure
+    after N epochs), dated before this run's first epoch: the network it trains, fixed."""
+    from .dyrep import Event
+    s = job.config["structure"]
+    run = _finished_upstream(store, job, s["run_key"], "structure")
+    frame = store.events_frame(run_id=run.id)
+    return [Event(-1, kind, site, list(branches)) for epoch, kind, site, branches
+            in zip(frame.epoch, frame.kind, frame.site, frame.branches) if epoch < s["epoch"]]
 
 
 def _apply_scales(store: Store, claim, job: Job, model, dist) -> None:
@@ -434,7 +466,8 @@ def _apply_scales(store: Store, claim, job: Job, model, dist) -> None:
             set_constants(block, block_scales)
 
 
-def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_initial: bool = False):
+def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_initial: bool = False,
+                   structure: list | None = None):
     """The cost probes (runners/probes.py, compare_costs) on rank 0, before training: the row's model and its group's
     baseline model in this one process, interleaved, with the row's ratios to the baseline; the machine's load while
     timing. Each model is built once; ``keep_initial``: returns a copy of the row's model as built (the training run
@@ -447,7 +480,7 @@ def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_init
     c = job.config
     build = functools.partial(_seeded_build, c["seed"], num_classes=c["num_classes"])
     row = c["row"]
-    factories = {row: functools.partial(build, c["arch"], c["rep"], variant=c["variant"])}
+    factories = {row: functools.partial(build, c["arch"], c["rep"], variant=c["variant"], structure=structure)}
     baseline = c["baseline"]["row"] if c["baseline"] else None
     if baseline and baseline != row:
         b = c["baseline"]
@@ -490,7 +523,8 @@ def _counting_resolution(c: dict, recipe) -> int:
     return (table.recipe("paper", table.row(c["row"])) if "paper" in table.recipes else recipe).test_resolution
 
 
-def _training_costs(store: Store, claim, job: Job, recipe, result, dyrep, context: dict) -> None:
+def _training_costs(store: Store, claim, job: Job, recipe, result, events: list, grown: bool,
+                    context: dict) -> None:
     """What the training run itself cost, where the table asks: ``train_hours`` (wall time of the epochs x the
     processes: device hours) and the averages over epochs of the training-form network's params and MACs (DyRep's
     structure changes while it trains: rebuilt from its events; a fixed network: its own counts)."""
@@ -504,12 +538,11 @@ def _training_costs(store: Store, claim, job: Job, recipe, result, dyrep, contex
     if {"params_avg", "macs_avg"} & set(c["metrics"]):
         from backbones import build_classifier
         from .dyrep import average_costs
-        events = dyrep.dyrep.events if dyrep is not None else []
         size = _counting_resolution(c, recipe)
         params, macs = average_costs(lambda: build_classifier(c["arch"], c["rep"], c["num_classes"], c["variant"]),
                                      events, recipe.epochs, size)
         how = (f"training form, averaged over {recipe.epochs} epoch(s)"
-               + (f" of the structure rebuilt from {len(events)} event(s)" if dyrep is not None else ""))
+               + (f" of the structure rebuilt from {len(events)} event(s)" if grown else ""))
         records += [MetricRecord("params_avg", params, "params", method=how),
                     MetricRecord("macs_avg", macs, "MACs", method=f"{how}; batch 1, {size}x{size}", batch=1,
                                  resolution=size)]
@@ -517,7 +550,7 @@ def _training_costs(store: Store, claim, job: Job, recipe, result, dyrep, contex
         store.log_metrics(claim.run_id, records, owner=claim.owner)
 
 
-def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> Outcome:
+def _train(store: Store, claim, job: Job, model, recipe, device: str, dist, fixed: list | None = None) -> Outcome:
     """The accuracy run: per-epoch top-1 and loss stored with their step, checkpoints and final weights recorded as
     artifacts (rank 0; every rank holds the claim, broadcast by rank 0)."""
     import copy
@@ -615,7 +648,8 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist) -> O
                            owner=owner)
     for record in result.epochs:  # epochs trained before a resume: their metrics were cleared with the retry
         on_epoch(record)
-    _training_costs(store, claim, job, recipe, result, dyrep, context)
+    _training_costs(store, claim, job, recipe, result, (fixed or []) + (dyrep.dyrep.events if dyrep else []),
+                    dyrep is not None or bool(fixed), context)
     if recipe.checkpoints:
         for form, weights in (("weights_train", model), ("weights_deploy", deploy(copy.deepcopy(model).eval()))):
             path = save_checkpoint(weights, run_dir / f"{form.replace('_', '-')}.pth", table=c["table"],

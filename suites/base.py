@@ -173,6 +173,20 @@ class DyRep:
 
 
 @dataclass(frozen=True)
+class Structure:
+    """A network structure another run grew (DyRep Table 7's "DyRep-N"): the events of run ``table`` / ``row`` (its
+    seed 0 at the same scale, planned and run first) up to ``epochs[scale]`` epochs, replayed on the plain network,
+    which then trains as a fixed structure."""
+
+    table: str
+    row: str
+    epochs: dict[str, int]  # per scale: the structure after this many epochs of the source run
+
+    def as_dict(self, scale: str) -> dict:
+        return {"table": self.table, "row": self.row, "epoch": self.epochs[scale]}
+
+
+@dataclass(frozen=True)
 class Row:
     name: str
     arch: str
@@ -187,6 +201,7 @@ class Row:
     recipe: dict[str, dict] = field(default_factory=dict)
     dyrep: DyRep | None = None  # rep "dyrep": how its convs grow and are cut
     declared: str = ""  # why this row is shown with its printed values but not run (e.g. its model is not built)
+    structure: Structure | None = None  # a fixed structure another (DyRep) run grew, replayed before training
 
     def __post_init__(self):
         if (self.rep == "dyrep") != (self.dyrep is not None) and not self.declared:

@@ -405,3 +405,30 @@ def test_dyrep_tables_are_declared_as_printed(tmp_path):
     done = run_cli("dyrep.table3", "--only", "MobileNet/DyRep", "--dry-run", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip().endswith("MobileNetV1 is not built yet")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_table7_retrains_the_structures_a_dyrep_run_grew(tmp_path):
+    """dyrep.table7 at smoke, DyRep-200 and DyRep-600 (the structures after 1 and 2 of smoke's 2 epochs): the DyRep
+    row runs first, once; each fixed row replays its events up to its epoch, trains without growing (no events of
+    its own), and its training-form size is that structure's, constant over training."""
+    import sqlite3
+    from backbones import build_classifier
+    from runners.dyrep import Event, replay
+    from runners.probes import count_params
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli("dyrep.table7", "--only", "DyRep-200", "DyRep-600", "--db", f"sqlite:///{db}", "--data-root",
+                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.index("DyRep (seed 0): finished") < done.stdout.index("DyRep-200 (seed 0): finished")
+    with sqlite3.connect(db) as c:
+        runs = dict(c.execute("SELECT row_name, id FROM runs").fetchall())
+        events = c.execute("SELECT run_id, epoch, kind, site, branches FROM events ORDER BY id").fetchall()
+        values = {(run, name): value for run, name, value in c.execute("SELECT run_id, name, value FROM metrics")}
+    assert set(runs) == {"DyRep", "DyRep-200", "DyRep-600"} and {e[0] for e in events} == {runs["DyRep"]}
+    import json
+    for row, upto in (("DyRep-200", 1), ("DyRep-600", 2)):
+        model = build_classifier("vgg16_cifar", "none", 4)
+        replay(model, [Event(-1, kind, site, json.loads(branches)) for _, epoch, kind, site, branches in events
+                       if epoch < upto])
+        assert values[(runs[row], "params_avg")] == values[(runs[row], "params_train")] == count_params(model), row
