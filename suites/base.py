@@ -358,6 +358,7 @@ class Table:
     claims: tuple[Claim, ...] = ()
     chain: bool = False                                        # rows add components one by one (Figure 8)
     resources: dict[str, Resources] = field(default_factory=lambda: dict(RESOURCES))
+    notes: tuple[str, ...] = ()  # what a reader must know about the printed values (the report prints them)
     num_classes: int | None = None  # a head of this size whatever the scale's data (tables that only count, e.g.
     #                                 RepOptimizers Table 1's ImageNet parameters); None: the dataset's classes
 

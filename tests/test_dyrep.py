@@ -432,3 +432,17 @@ def test_table7_retrains_the_structures_a_dyrep_run_grew(tmp_path):
         replay(model, [Event(-1, kind, site, json.loads(branches)) for _, epoch, kind, site, branches in events
                        if epoch < upto])
         assert values[(runs[row], "params_avg")] == values[(runs[row], "params_train")] == count_params(model), row
+
+
+def test_table3_report_says_the_printed_resnet_baselines_were_quoted(tmp_path):
+    """The report of dyrep.table3, run or not: ResNet-18's printed Origin 69.54 is DBB's quoted baseline (DyRep
+    issue #1), and the suite's own Origin, trained on the DyRep rows' recipe, is what to compare with."""
+    from results import Store
+    from test_cli import run_cli
+    Store(f"sqlite:///{tmp_path / 'r.sqlite'}").close()
+    done = run_cli("report", "dyrep.table3", "--db", f"sqlite:///{tmp_path / 'r.sqlite'}", "--out",
+                   str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = " ".join((tmp_path / "out" / "dyrep.table3.md").read_text().split())
+    assert "Note: The printed Origin accuracies of ResNet-18 (69.54)" in text and "DyRep issue #1" in text
+    assert "The suite's Origin rows train with the DyRep rows' recipe" in text
