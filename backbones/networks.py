@@ -11,7 +11,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from torch import nn
-from torchvision.ops import SqueezeExcitation
 
 from .variants import REPVGG_REPS, RESNET_REPS, VGG_REPS, RepConfig, make_conv, resolve_variant
 from .zoo import TORCHVISION, build_torchvision
@@ -136,6 +135,8 @@ class RepVGG(Classifier):
         self.relu = nn.ReLU(inplace=True)
         # RepOpt-VGG-L2† (RepOptimizers Table 3: "insert SE Blocks after each 3x3 conv"): after the ReLU, squeeze to a
         # quarter of the channels, as the official target block's post-SE (official-code notes Sec. 4)
+        if config.se:  # torchvision imported only here: a memory-capped probe child imports backbones without it
+            from torchvision.ops import SqueezeExcitation
         self.stem_se = SqueezeExcitation(in_planes, in_planes // 4) if config.se else None
         index = 1
         stages = []

@@ -12,7 +12,6 @@ folded into the convs, so the inference structure (and Table 3's throughput) is 
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 from .blocks import ConvBN
@@ -26,6 +25,7 @@ TORCHVISION = {  # arch -> torchvision builder
 
 def build_torchvision(arch: str, num_classes: int) -> nn.Module:
     """torchvision's ``arch`` (randomly initialised, nothing downloaded) with its conv-BN pairs as ConvBN blocks."""
+    import torchvision  # here, not at import: a memory-capped probe child imports backbones without loading it
     if not num_classes:
         raise ValueError(f"{arch} is a classification network here; it has no headless (backbone) form")
     model = getattr(torchvision.models, TORCHVISION[arch])(weights=None, num_classes=num_classes)

@@ -519,7 +519,10 @@ def _counting_resolution(c: dict, recipe) -> int:
     """Params and MACs are counted at the paper's (test) resolution whatever the scale: 224 for ImageNet, 32 for
     CIFAR, a row's own where it has one (RepOptimizers Table 3)."""
     import suites
-    table = suites.get_table(c["table"])
+    try:
+        table = suites.get_table(c["table"])
+    except KeyError:  # a table built outside the suite's registry (a test's or a user's own): its own resolution
+        return recipe.test_resolution
     return (table.recipe("paper", table.row(c["row"])) if "paper" in table.recipes else recipe).test_resolution
 
 
