@@ -186,13 +186,13 @@ def branch_importance(block: MultiBranchConv) -> dict[str, float]:
 def sites(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """Every kxk (k > 1) conv DyRep may grow, by name: ConvBN convs not grown yet, and the origin branch of every
     grown block (nested Rep), each as (parent, attribute)."""
-    out = {}
+    out, grown = {}, _grown_blocks(model)  # one walk, not one per block: the saliency reads sites every step
     for name, module in model.named_modules():
         if isinstance(module, ConvBN) and isinstance(module.conv, nn.Conv2d) and module.conv.kernel_size[0] > 1:
             out[f"{name}.conv"] = (module, "conv")
         elif isinstance(module, MultiBranchConv) and module.form == "offline_bn" and \
                 isinstance(module.branches["origin"], Conv) and module.geometry.kernel_size > 1 and \
-                module.post_bn is None and module in _grown_blocks(model):
+                module.post_bn is None and module in grown:
             out[f"{name}.branches.origin"] = (module.branches, "origin")
     return out
 
