@@ -188,18 +188,19 @@ def repvgg_branches(geometry: ConvGeometry) -> tuple[str, ...]:
 
 
 class DBB(MultiBranchConv):
-    """Diverse Branch Block (Ding et al., CVPR 2021): kxk, 1x1, 1x1-avg and 1x1-kxk branches, each with its BN.
+    """Diverse Branch Block (Ding et al., CVPR 2021): kxk, 1x1, 1x1-avg and 1x1-kxk branches, each with its BN
+    (``branches``: another set of the same algebra, e.g. DyRep Table 8's DBB over DyRep's seven ops).
 
     ``form="linear_offline", scaling="none"`` is OREPA Table 1's "w/o branch-wise norm": the same branches, linear,
     one post-addition BN.
     """
 
     def __init__(self, geometry: ConvGeometry, form: str = "offline_bn", scaling: str = "none",
-                 post_norm: bool = False):
+                 post_norm: bool = False, branches: tuple[str, ...] = DBB_BRANCHES):
         if geometry.groups >= geometry.out_channels:
             raise ValueError("the depthwise DBB (no 1x1 branch) is not part of the OREPA tables")
         internal = geometry.in_channels  # DBB: in if groups < out else 2 * in (depthwise excluded above)
-        super().__init__(geometry, DBB_BRANCHES, form=form, scaling=scaling, post_norm=post_norm,
+        super().__init__(geometry, branches, form=form, scaling=scaling, post_norm=post_norm,
                          internal=internal, init_a=TORCH_CONV_INIT_A)
 
 

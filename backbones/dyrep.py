@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from . import algebra
-from .blocks import ConvBN, MultiBranchConv, ReparamBlock
+from .blocks import ConvBN, MultiBranchConv, RepVGGBlock, ReparamBlock
 from .branches import Branch, Conv, ConvGeometry
 
 OPS = ("origin", "1x1", "1x1_kxk", "avg", "hor", "ver", "identity")  # DyRep Table 1, in the paper's order
+OP_SPACES = {"dyrep": OPS, "dbb": ("origin", "1x1", "1x1_kxk", "avg")}  # DyRep Table 8: its 7 ops or DBB's 4
 GAMMA = 0.01  # the new branches' last-BN scale (Sec. 4.1: "We set gamma = 0.01")
 
 
@@ -184,15 +185,16 @@ def branch_importance(block: MultiBranchConv) -> dict[str, float]:
 
 
 def sites(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """Every kxk (k > 1) conv DyRep may grow, by name: ConvBN convs not grown yet, and the origin branch of every
-    grown block (nested Rep), each as (parent, attribute)."""
+    """Every kxk (k > 1) conv DyRep may grow, by name: ConvBN convs not grown yet, the origin branch of every grown
+    block (nested Rep) and the 3x3 branch of every RepVGG block (DyRep Table 4: the official code grows the 3x3 conv
+    inside timm's RepVGG training blocks, whose 1x1 and identity branches stay), each as (parent, attribute)."""
     out, grown = {}, _grown_blocks(model)  # one walk, not one per block: the saliency reads sites every step
     for name, module in model.named_modules():
         if isinstance(module, ConvBN) and isinstance(module.conv, nn.Conv2d) and module.conv.kernel_size[0] > 1:
             out[f"{name}.conv"] = (module, "conv")
         elif isinstance(module, MultiBranchConv) and module.form == "offline_bn" and \
                 isinstance(module.branches["origin"], Conv) and module.geometry.kernel_size > 1 and \
-                module.post_bn is None and module in grown:
+                module.post_bn is None and (module in grown or isinstance(module, RepVGGBlock)):
             out[f"{name}.branches.origin"] = (module.branches, "origin")
     return out
 

@@ -192,6 +192,32 @@ class VGG(nn.Module):
         return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1))
 
 
+class MobileNetV1(nn.Module):
+    """MobileNetV1 (Howard et al. 2017) at width 1.0, as DyRep's ImageNet host (DyRep Table 3, the official code's
+    ``mobilenet_v1``): a 3x3/2 conv to 32 channels, 13 depthwise-separable blocks (3x3 depthwise conv + BN + ReLU,
+    then 1x1 conv + BN + ReLU), GAP and the classifier. Every conv+BN from ``make_conv``: DyRep grows the stem and
+    the depthwise 3x3s (its kxk sites); the 1x1s stay plain."""
+
+    BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1), (512, 1),
+              (512, 1), (1024, 2), (1024, 1))  # (output channels, depthwise stride)
+
+    def __init__(self, config: RepConfig, num_classes: int = 1000):
+        super().__init__()
+        if not num_classes:
+            raise ValueError("MobileNetV1 is a classification network here; it has no headless form")
+        self.config = config
+        layers, in_planes = [make_conv(config, 3, 32, 3, 2), nn.ReLU(inplace=True)], 32
+        for planes, stride in self.BLOCKS:
+            layers += [make_conv(config, in_planes, in_planes, 3, stride, groups=in_planes), nn.ReLU(inplace=True),
+                       make_conv(config, in_planes, planes, 1), nn.ReLU(inplace=True)]
+            in_planes = planes
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        return self.fc(nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
 @dataclass(frozen=True)
 class Arch:
     """One named architecture: its family, constructor arguments, the reps defined for it and its source."""
@@ -232,11 +258,13 @@ ARCHS: dict[str, Arch] = {
     "repoptvgg_l2": Arch("repvgg", dict(layers=(8, 14, 24, 1), widths=(2.5, 2.5, 2.5, 5)), "RepOptimizers Table 1"),
     "vgg16_cifar": Arch("vgg", dict(widths=(64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
                                             512, 512, 512, "M")), "DyRep Table 2 (official code's VGG-16 for CIFAR)"),
+    "mobilenet_v1": Arch("mobilenet", {}, "Howard et al. 2017 (width 1.0); DyRep Table 3"),
     # plain torchvision networks that tables compare against (backbones/zoo.py); rep "none" only
     **{name: Arch("torchvision", {}, f"torchvision {builder}; RepOptimizers Table 3")
        for name, builder in TORCHVISION.items()},
 }
-FAMILY_REPS = {"resnet": RESNET_REPS, "repvgg": REPVGG_REPS, "vgg": VGG_REPS, "torchvision": ("none",)}
+FAMILY_REPS = {"resnet": RESNET_REPS, "repvgg": REPVGG_REPS, "vgg": VGG_REPS, "torchvision": ("none",),
+               "mobilenet": ("none", "dyrep")}  # the depthwise DBB (DyRep Table 3's MobileNet DBB row) is not built
 
 
 def check_combination(arch: str, rep: str) -> Arch:
@@ -265,10 +293,11 @@ def build_classifier(arch: str, rep: str = "none", num_classes: int = 1000, vari
         model = build_torchvision(arch, num_classes)
     elif spec.family == "resnet":
         model = ResNet(config=config, num_classes=num_classes, **spec.kwargs, **backbone_kwargs)
-    elif spec.family == "vgg":
+    elif spec.family in ("vgg", "mobilenet"):
         if backbone_kwargs:
             raise ValueError(f"{arch} takes no options, got {sorted(backbone_kwargs)}")
-        model = VGG(config=config, num_classes=num_classes, **spec.kwargs)
+        network = VGG if spec.family == "vgg" else MobileNetV1
+        model = network(config=config, num_classes=num_classes, **spec.kwargs)
     else:
         if set(backbone_kwargs) - {"strides"}:
             raise ValueError(f"{arch} takes only the option strides, got {sorted(backbone_kwargs)}")

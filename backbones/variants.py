@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from .blocks import (ACB, DBB, DBB_BRANCHES, OREPA, OREPA_BRANCHES, ConvBN, OREPA1x1, OREPADeepStem, RepVGGBlock,
                      ReparamBlock, orepa_vgg_block)
 from .branches import ConvGeometry
+from .dyrep import OPS, allowed_ops
 from .repopt import CSLA, RepOptConvBN, hs_scale_init
 
 RESNET_REPS = ("none", "acb", "dbb", "orepa", "dyrep")
@@ -58,7 +59,7 @@ DEFAULTS = {
 }
 TUNABLE = {  # the fields a variant may change, per rep
     "none": set(), "acb": set(),
-    "dbb": {"form", "scaling", "post_norm"},
+    "dbb": {"form", "scaling", "post_norm", "branches"},
     "orepa": {"form", "branches", "scaling", "post_norm", "init", "deep_stem", "rep_1x1"},
     "repvgg": {"form", "scaling", "post_norm"},
     "orepa_vgg": {"form"},
@@ -66,7 +67,8 @@ TUNABLE = {  # the fields a variant may change, per rep
 }
 _WITHOUT_BRANCH_NORM = dict(form="linear_offline", scaling="none", post_norm=True)
 PRESETS = {
-    "dbb": {"no_branch_norm": _WITHOUT_BRANCH_NORM},                           # OREPA Table 1
+    "dbb": {"no_branch_norm": _WITHOUT_BRANCH_NORM,                            # OREPA Table 1
+            "dyrep_ops": dict(branches=OPS)},  # DyRep Table 8's DBB*: DBB over DyRep's 7 ops, where a conv allows each
     "repvgg": {"no_branch_norm": _WITHOUT_BRANCH_NORM,                         # OREPA Table 1
                "online": dict(form="online", scaling="vector", post_norm=True)},  # supplement Table 3
     "orepa_vgg": {"offline": dict(form="offline_bn")},                         # supplement Table 3
@@ -147,7 +149,7 @@ def make_conv(config: RepConfig, in_channels: int, out_channels: int, kernel_siz
     if rep == "acb":
         return ACB(geometry)
     if rep == "dbb":
-        return DBB(geometry, config.form, config.scaling, config.post_norm)
+        return DBB(geometry, config.form, config.scaling, config.post_norm, allowed_ops(geometry, config.branches))
     if rep == "repvgg":
         return RepVGGBlock(geometry, config.form, config.scaling, config.post_norm)
     if rep == "orepa_vgg":

@@ -5,8 +5,8 @@ surgery), the optimizer fixed up after each change, and the changes kept as even
 * :class:`Saliency` scores each site before every optimizer step (``torch.optim.Optimizer.register_step_pre_hook``:
   after backward, after gradient accumulation and DDP's all-reduce, before the update; MMEngine has no hook point
   there). ``synflow`` (default, Eq. 3-4: the signed sum of grad * weight, as the official code), ``snip`` (sum of
-  |grad * weight|), ``grad_norm`` (L2 norm of the gradient), ``random``. Not built yet: ``grasp`` (a Hessian-vector
-  product, one extra backward per scored step) and ``vote`` (Appendix A.3).
+  |grad * weight|), ``grad_norm`` (L2 norm of the gradient), ``random``, ``grasp`` (a Hessian-vector product: an
+  extra forward and double backward per step) and ``vote`` (Appendix A.3; see :class:`Saliency`).
 * :func:`dep_candidates`: the branches a grown block loses, by the paper's rule (Eq. 9: s_j = mean |gamma| of the
   branch's last BN; when the population std of the new branches' s_j exceeds lambda = 0.02, cut those below their
   mean) or the official code's (the same with s_j relative to the kxk branch's and a cut only below 0.1 too).
@@ -29,9 +29,10 @@ from mmengine.registry import Registry
 from torch import Tensor, nn
 
 from backbones.blocks import ConvBN, MultiBranchConv
-from backbones.dyrep import GAMMA, OPS, Grown, branch_importance, collapse, cut, grow, sites
+from backbones.dyrep import GAMMA, OP_SPACES, OPS, Grown, branch_importance, collapse, cut, grow, sites
 
-METRICS = ("synflow", "snip", "grad_norm", "random")
+METRICS = ("synflow", "snip", "grad_norm", "random", "grasp", "vote")
+VOTERS = ("synflow", "snip", "grasp")  # vote: one vote each for its top site (see Saliency)
 DEP_RULES = ("paper", "code")
 
 
@@ -41,14 +42,44 @@ def site_weight(parent: nn.Module, attr: str) -> Tensor:
     return site.weight
 
 
-class Saliency:
-    """Per-site saliency averaged over the optimizer steps since the last :meth:`reset`."""
+class _FrozenBatchNormStatistics:
+    """BN running statistics unchanged by the forwards inside (GraSP's extra forward on the step's batch)."""
 
-    def __init__(self, model: nn.Module, metric: str = "synflow", generator: torch.Generator | None = None):
+    def __init__(self, model: nn.Module):
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [(bn.momentum, {k: v.clone() for k, v in bn.named_buffers(recurse=False)}) for bn in self.bns]
+        for bn in self.bns:
+            bn.momentum = 0.0
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for bn, (momentum, buffers) in zip(self.bns, self.saved):
+                bn.momentum = momentum
+                for k, v in buffers.items():
+                    getattr(bn, k).copy_(v)
+
+
+class Saliency:
+    """Per-site saliency averaged over the optimizer steps since the last :meth:`reset`.
+
+    ``grasp`` (Eq. 14: -sum(H g * w), g the step's gradient) needs ``loss_fn()``: the loss of the step's batch, with
+    its graph, recomputed on the model (BN statistics untouched). Its Hessian-vector product is exact (double
+    backward): one extra forward and two extra backwards per optimizer step, about twice a training step's cost, and
+    it is local to the process (DDP all-reduces the step's gradient g, not H g); under gradient accumulation it uses
+    the last micro-batch. ``vote`` (Appendix A.3, after Abdelfattah et al. [1]; the paper names neither voters nor
+    ties, so this is a recorded choice): synflow, snip and grasp each vote for their top site, the site with the most
+    votes grows, ties broken by synflow."""
+
+    def __init__(self, model: nn.Module, metric: str = "synflow", generator: torch.Generator | None = None,
+                 loss_fn=None):
         if metric not in METRICS:
             raise ValueError(f"unknown saliency metric {metric!r}; expected one of {METRICS}")
         self.model, self.metric, self.generator = model, metric, generator or torch.Generator().manual_seed(0)
-        self.sums: dict[str, float] = {}
+        self.loss_fn = loss_fn
+        self.measured = VOTERS if metric == "vote" else (metric,)
+        self.sums: dict[str, dict[str, float]] = {m: {} for m in self.measured}
         self.counts: dict[str, int] = {}
         self._handle = None
 
@@ -62,37 +93,71 @@ class Saliency:
             self._handle.remove()
             self._handle = None
 
-    @torch.no_grad()
     def record(self) -> None:
         """One optimizer step's scores (the gradients as the step will use them)."""
-        for name, (parent, attr) in sites(self.model).items():
-            weight = site_weight(parent, attr)
-            if weight.grad is None:
-                continue
-            grad = weight.grad
-            if self.metric == "synflow":
-                score = float((grad * weight).sum())
-            elif self.metric == "snip":
-                score = float((grad * weight).abs().sum())
-            elif self.metric == "grad_norm":
-                score = float(grad.norm())
-            else:
-                score = float(torch.rand((), generator=self.generator))
-            self.sums[name] = self.sums.get(name, 0.0) + score
-            self.counts[name] = self.counts.get(name, 0) + 1
+        scored = {name: site_weight(parent, attr) for name, (parent, attr) in sites(self.model).items()}
+        scored = {name: w for name, w in scored.items() if w.grad is not None}
+        if not scored:
+            return
+        hg = self._hessian_gradient(list(scored.values())) if "grasp" in self.measured else None
+        with torch.no_grad():
+            for i, (name, weight) in enumerate(scored.items()):
+                grad = weight.grad
+                for metric in self.measured:
+                    if metric == "synflow":
+                        score = float((grad * weight).sum())
+                    elif metric == "snip":
+                        score = float((grad * weight).abs().sum())
+                    elif metric == "grad_norm":
+                        score = float(grad.norm())
+                    elif metric == "grasp":
+                        score = -float((hg[i] * weight).sum())
+                    else:
+                        score = float(torch.rand((), generator=self.generator))
+                    self.sums[metric][name] = self.sums[metric].get(name, 0.0) + score
+                self.counts[name] = self.counts.get(name, 0) + 1
+
+    def _hessian_gradient(self, weights: list[Tensor]) -> list[Tensor]:
+        """H g for each of ``weights``: the gradient of (grad L . g) with g the step's gradient held constant."""
+        if self.loss_fn is None:
+            raise ValueError("the grasp saliency needs loss_fn (the step's loss, recomputed with its graph)")
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        held = [p.grad.detach().clone() for p in params]
+        with _FrozenBatchNormStatistics(self.model), torch.enable_grad():
+            grads = torch.autograd.grad(self.loss_fn(), params, create_graph=True, allow_unused=True)
+            dot = sum((g * v).sum() for g, v in zip(grads, held) if g is not None)
+            hg = torch.autograd.grad(dot, weights, allow_unused=True)
+        return [torch.zeros_like(w) if h is None else h.detach() for w, h in zip(weights, hg)]
 
     def averages(self) -> dict[str, float]:
-        return {name: self.sums[name] / self.counts[name] for name in self.sums}
+        """Each site's score: its metric averaged over the steps (vote: the number of votes it got)."""
+        means = {m: {n: s / self.counts[n] for n, s in sums.items()} for m, sums in self.sums.items()}
+        if self.metric != "vote":
+            return means[self.metric]
+        votes = dict.fromkeys(self.counts, 0.0)
+        for m in VOTERS:
+            if means[m]:
+                votes[max(means[m], key=means[m].get)] += 1
+        return votes
+
+    def ranked(self, candidates) -> list[str]:
+        """The sites among ``candidates`` best first."""
+        scores = self.averages()
+        tie = {n: s / self.counts[n] for n, s in self.sums["synflow"].items()} if self.metric == "vote" else scores
+        return sorted((s for s in scores if s in candidates), key=lambda s: (scores[s], tie[s]), reverse=True)
 
     def reset(self) -> None:
-        self.sums.clear()
+        for sums in self.sums.values():
+            sums.clear()
         self.counts.clear()
 
     def state_dict(self) -> dict:
-        return {"sums": dict(self.sums), "counts": dict(self.counts), "generator": self.generator.get_state()}
+        return {"sums": {m: dict(sums) for m, sums in self.sums.items()}, "counts": dict(self.counts),
+                "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+        self.sums = {m: dict(sums) for m, sums in state["sums"].items()}
+        self.counts = dict(state["counts"])
         self.generator.set_state(state["generator"])
 
 
@@ -172,14 +237,14 @@ class DyRep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, metric: str = "synflow",
                  interval: int = 1, max_epoch: int | None = None, rule: str = "code", gamma: float = GAMMA,
-                 ops: tuple[str, ...] = OPS, seed: int = 0, dep: bool = True):
+                 ops: tuple[str, ...] = OPS, seed: int = 0, dep: bool = True, loss_fn=None):
         if rule not in DEP_RULES:
             raise ValueError(f"unknown Dep rule {rule!r}; expected one of {DEP_RULES}")
         self.model, self.optimizer = model, optimizer
         self.interval, self.max_epoch, self.rule, self.gamma, self.ops = interval, max_epoch, rule, gamma, ops
         self.dep = dep  # DyRep Table 6: without Dep nothing is ever cut
         self.generator = torch.Generator().manual_seed(seed)
-        self.saliency = Saliency(model, metric)
+        self.saliency = Saliency(model, metric, loss_fn=loss_fn)
         if optimizer is not None:
             self.saliency.attach(optimizer)
         self.events: list[Event] = []
@@ -193,8 +258,7 @@ class DyRep:
         grown block cut by the rule; a block left with its origin alone collapses to a conv)."""
         events = []
         scores = self.saliency.averages()
-        candidates = sites(self.model)
-        ranked = sorted((s for s in scores if s in candidates), key=lambda s: scores[s], reverse=True)
+        ranked = self.saliency.ranked(sites(self.model))
         twins = {}
         if ranked:
             name = ranked[0]
@@ -302,14 +366,17 @@ class DyRepHook(Hook):
 
     def __init__(self, interval: int = 1, max_epoch: int | None = None, metric: str = "synflow",
                  rule: str = "code", gamma: float = GAMMA, recal_batches: int = 20, seed: int = 0, dep: bool = True,
-                 on_events=None, module: str = ""):
+                 on_events=None, module: str = "", ops: str = "dyrep"):
+        if ops not in OP_SPACES:
+            raise ValueError(f"unknown op space {ops!r}; expected one of {sorted(OP_SPACES)}")
         self.settings = dict(metric=metric, interval=interval, max_epoch=max_epoch, rule=rule, gamma=gamma,
-                             seed=seed, dep=dep)
+                             seed=seed, dep=dep, ops=OP_SPACES[ops])
         self.recal_batches = recal_batches
         self.on_events = on_events  # called with each adjustment's events (the suite stores them with the run)
         self.module = module  # the submodule of the runner's model that grows ("" the whole model; "net" the suite's
         #                       classifier's network, "backbone" a detector's), so that sites are named within it
         self.dyrep: DyRep | None = None
+        self._batch = None  # the iteration's data batch: grasp recomputes its loss
 
     # the suite's training state (runners/train.py TrainState) carries this with its checkpoints
     def checkpoint_state(self) -> dict:
@@ -327,7 +394,16 @@ class DyRepHook(Hook):
 
     def before_train(self, runner):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        self.dyrep = DyRep(model.get_submodule(self.module), runner.optim_wrapper.optimizer, **self.settings)
+
+        def loss_fn():  # the step's loss on the unwrapped model (no DDP gradient hooks), as train_step computes it
+            losses = model._run_forward(model.data_preprocessor(self._batch, True), mode="loss")
+            return model.parse_losses(losses)[0]
+
+        self.dyrep = DyRep(model.get_submodule(self.module), runner.optim_wrapper.optimizer, loss_fn=loss_fn,
+                           **self.settings)
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        self._batch = data_batch
 
     def after_train_epoch(self, runner):
         # runner.epoch is still the epoch just trained here (MMEngine advances it after this hook)

@@ -619,7 +619,7 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist, fixe
 
         dyrep = DyRepHook(recipe.dyrep_interval, recipe.dyrep_max_epoch, d["metric"], d["rule"], d["gamma"],
                           d["recal_batches"], c["seed"], d["dep"], on_events if dist.is_main else None,
-                          module="net")  # train.py's ImageClassifier holds the network as .net
+                          module="net", ops=d.get("ops", "dyrep"))  # train.py's ImageClassifier holds the network as .net
         hooks.append(dyrep)
     try:
         result = train_classifier(model, recipe, Path(job.data_root), c["seed"], device, dist, c["grad_accum"],

@@ -147,7 +147,9 @@ class Scales:
         return asdict(self)
 
 
-DYREP_METRICS = ("synflow", "snip", "grad_norm", "random")
+DYREP_METRICS = ("synflow", "snip", "grad_norm", "random", "grasp", "vote")
+DYREP_OPS = ("dyrep", "dbb")  # the op space a conv grows into (DyRep Table 8): DyRep's 7 ops or DBB's 4
+DYREP_HOSTS = ("dyrep", "repvgg")  # reps DyRep grows in: the plain network's convs, RepVGG blocks' 3x3 (Table 4)
 DYREP_RULES = ("paper", "code")
 
 
@@ -161,15 +163,21 @@ class DyRep:
     gamma: float = 0.01          # the new branches' last-BN scale (Sec. 4.1)
     recal_batches: int = 20      # BN recalibration of a grown block (the official code's 20)
     dep: bool = True             # Table 6: with / without Dep
+    ops: str = "dyrep"           # Table 8: the op space of a growth (DyRep's 7 ops or DBB's 4)
 
     def __post_init__(self):
         if self.metric not in DYREP_METRICS:
             raise ValueError(f"unknown DyRep metric {self.metric!r}; expected one of {DYREP_METRICS}")
         if self.rule not in DYREP_RULES:
             raise ValueError(f"unknown DyRep rule {self.rule!r}; expected one of {DYREP_RULES}")
+        if self.ops not in DYREP_OPS:
+            raise ValueError(f"unknown DyRep op space {self.ops!r}; expected one of {DYREP_OPS}")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["ops"] == "dyrep":  # the default op space keeps the run keys of rows recorded before ops existed
+            del d["ops"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -199,13 +207,15 @@ class Row:
     # Where this row's recipe departs from its table's, per scale: {scale: {Recipe field: value}} (e.g. RepOptimizers
     # Table 5's Caltech256 target, Table 3's per-row resolutions). Table.recipe(scale, row) applies them.
     recipe: dict[str, dict] = field(default_factory=dict)
-    dyrep: DyRep | None = None  # rep "dyrep": how its convs grow and are cut
+    dyrep: DyRep | None = None  # rep "dyrep" (or a host in DYREP_HOSTS): how its convs grow and are cut
     declared: str = ""  # why this row is shown with its printed values but not run (e.g. its model is not built)
     structure: Structure | None = None  # a fixed structure another (DyRep) run grew, replayed before training
 
     def __post_init__(self):
-        if (self.rep == "dyrep") != (self.dyrep is not None) and not self.declared:
-            raise ValueError(f"{self.name}: rep 'dyrep' rows, and only they, say how they grow (Row.dyrep)")
+        if not self.declared and ((self.rep == "dyrep" and self.dyrep is None) or
+                                  (self.dyrep is not None and self.rep not in DYREP_HOSTS)):
+            raise ValueError(f"{self.name}: rep 'dyrep' rows say how they grow (Row.dyrep), and only rows of "
+                             f"{', '.join(DYREP_HOSTS)} grow")
         if (self.rep == "repopt") != (self.scales is not None):
             raise ValueError(f"{self.name}: rep 'repopt' rows, and only they, say where their scales come from "
                              "(Row.scales)")

@@ -15,8 +15,9 @@ from conftest import TOLERANCE, randomize, rel_err
 
 GEOMETRIES = [  # in, out, k, stride, padding, dilation, groups
     ConvGeometry(8, 8, 3), ConvGeometry(8, 16, 3, 2), ConvGeometry(8, 8, 3, 1, None, 2),
-    ConvGeometry(8, 8, 3, 1, None, 1, 4), ConvGeometry(6, 12, 5, 1, None, 1, 3), ConvGeometry(8, 8, 3, 1, 0)]
-IDS = ["3x3", "stride2-wider", "dilation2", "groups4", "5x5-groups3", "padding0"]
+    ConvGeometry(8, 8, 3, 1, None, 1, 4), ConvGeometry(6, 12, 5, 1, None, 1, 3), ConvGeometry(8, 8, 3, 1, 0),
+    ConvGeometry(8, 8, 3, 2, None, 1, 8)]
+IDS = ["3x3", "stride2-wider", "dilation2", "groups4", "5x5-groups3", "padding0", "depthwise-stride2"]
 
 
 def _host(geometry: ConvGeometry, dtype) -> ConvBN:
@@ -189,6 +190,108 @@ def test_saliency_is_computed_from_the_gradients_the_step_uses(metric):
     assert saliency.counts == {"0.conv": 2, "2.conv": 2}
 
 
+def test_grasp_is_minus_the_weight_times_the_hessian_applied_to_the_steps_gradient():
+    """grasp (Eq. 14): -sum(w * H g) with g the gradient the step uses (set by hand: any vector) and H the loss's
+    Hessian on the step's batch. The reference H g is a central finite difference of gradients (an independent
+    route); the extra forward leaves BN statistics and the step's gradients as they were."""
+    import copy
+    from runners.dyrep import Saliency
+    net = _two_site_net()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    net.train()
+    g = torch.Generator().manual_seed(6)
+    for p in net.parameters():
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    held = {p: p.grad.clone() for p in net.parameters()}
+    names = ["0.conv", "2.conv"]
+
+    def gradients_at(shift: float) -> list[torch.Tensor]:
+        probe = copy.deepcopy(net)
+        with torch.no_grad():
+            for p, q in zip(net.parameters(), probe.parameters()):
+                q.add_(shift * held[p])
+        loss = probe(x).square().mean()
+        return torch.autograd.grad(loss, [probe.get_submodule(n).weight for n in names])
+
+    eps = 1e-6  # truncation ~ eps^2 |g|^3, rounding ~ 1e-16 / eps: both far below the tolerance
+    plus, minus = gradients_at(eps), gradients_at(-eps)
+    expected = {n: -float((net.get_submodule(n).weight * (a - b) / (2 * eps)).sum())
+                for n, a, b in zip(names, plus, minus)}
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    saliency = Saliency(net, "grasp", loss_fn=lambda: net(x).square().mean())
+    saliency.record()
+    for name in names:
+        assert saliency.averages()[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-9)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in stats.items())
+    assert all(torch.equal(p.grad, held[p]) for p in net.parameters())
+    with pytest.raises(ValueError, match="loss_fn"):
+        Saliency(net, "grasp").record()
+
+
+def test_vote_grows_the_site_most_metrics_put_first_ties_to_synflow():
+    from runners.dyrep import Saliency
+    saliency = Saliency(_two_site_net(), "vote")
+    saliency.counts = {"a": 1, "b": 1, "c": 1}
+    saliency.sums = {"synflow": {"a": 3.0, "b": 1.0, "c": 0.0}, "snip": {"a": 0.0, "b": 2.0, "c": 1.0},
+                     "grasp": {"a": 0.0, "b": 5.0, "c": 1.0}}
+    assert saliency.averages() == {"a": 1.0, "b": 2.0, "c": 0.0}
+    assert saliency.ranked({"a", "b", "c"}) == ["b", "a", "c"]
+    saliency.sums["grasp"] = {"a": 0.0, "b": 0.0, "c": 9.0}  # one vote each: synflow's order decides
+    assert saliency.ranked({"a", "b", "c"}) == ["a", "b", "c"]
+    assert saliency.ranked({"b", "c"}) == ["b", "c"]
+
+
+def test_dyrep_grows_inside_repvgg_blocks_and_deploys_to_repvgg():
+    """DyRep Table 4's hosts: the 3x3 branch of every RepVGG training block is a site (its 1x1 and identity branches
+    stay); growing it, nested growth and cuts keep the network's function, and the deployed network is exactly
+    the deployed RepVGG's (parameter count and output)."""
+    torch.manual_seed(0)
+    model = randomize(build_classifier("repvgg_a0", "repvgg", 10)).double().eval()
+    plain = sum(p.numel() for p in deploy(build_classifier("repvgg_a0", "repvgg", 10)).parameters())
+    found = sites(model)
+    assert "stem.branches.origin" in found and "stage1.0.branches.origin" in found and len(found) == 22
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    reference = _out(model, x)
+    block = grow(*found["stage3.2.branches.origin"], generator=torch.Generator().manual_seed(1))
+    host = model.get_submodule("stage3.2")
+    assert isinstance(host.branches["origin"], Grown) and {"1x1", "identity"} <= set(host.branches)
+    assert rel_err(_out(model, x), reference) <= TOLERANCE[torch.float64]
+    _perturb(block, 2)
+    grow(*sites(model)["stage3.2.branches.origin.block.branches.origin"], ops=("origin", "1x1"))
+    cut(block, ["avg", "hor"])
+    reference = _out(model, x)
+    deploy(model)
+    assert sum(p.numel() for p in model.parameters()) == plain
+    assert rel_err(_out(model, x), reference) <= TOLERANCE[torch.float64]
+
+
+def test_mobilenet_v1_counts_and_its_depthwise_sites(dtype):
+    """MobileNetV1 (DyRep Table 3's host): 4,231,976 parameters and the MACs of its definition at 224x224; its 14
+    kxk sites are the stem and the 13 depthwise convs; a grown depthwise conv deploys back to the plain network."""
+    from runners.probes import _on_meta, count_macs
+    model = build_classifier("mobilenet_v1", "dyrep")
+    assert sum(p.numel() for p in model.parameters()) == 4_231_976
+    size, c, macs = 112, 32, 112 * 112 * 32 * 27
+    for out, stride in ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5, (1024, 2),
+                        (1024, 1)):
+        size //= stride
+        macs += size * size * c * 9 + size * size * c * out
+        c = out
+    assert count_macs(_on_meta(model.eval()), 224) == macs + 1024 * 1000
+    found = sites(model)
+    assert len(found) == 14 and found["features.2.conv"][0].conv.groups == 32
+    torch.manual_seed(0)
+    small = randomize(build_classifier("mobilenet_v1", "dyrep", 10)).to(dtype).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    grow(*sites(small)["features.6.conv"], generator=torch.Generator().manual_seed(1))
+    _perturb(small.get_submodule("features.6.conv"), 3)
+    reference = _out(small, x)
+    deploy(small)
+    assert rel_err(_out(small, x), reference) <= TOLERANCE[dtype]
+    assert sum(p.numel() for p in small.parameters()) == sum(
+        p.numel() for p in deploy(build_classifier("mobilenet_v1", "none", 10)).parameters())
+
+
 def test_dep_rules_cut_by_the_paper_and_by_the_official_code():
     """Eq. 9 on the last BN's gammas. Paper: the new branches' mean |gamma| spread (population std) above 0.02,
     cut those below their mean. Code: the same relative to the kxk branch, and a cut only below 0.1 too."""
@@ -288,9 +391,11 @@ def test_the_events_rebuild_the_structure_and_the_next_growth_is_the_same():
     assert dyrep.adjust(3)[0].site == replay.adjust(3)[0].site
 
 
-def test_the_hook_grows_a_conv_during_mmengine_training(tmp_path):
+@pytest.mark.parametrize("metric", ["synflow", "vote"])
+def test_the_hook_grows_a_conv_during_mmengine_training(tmp_path, metric):
     """repbench.DyRepHook from MMEngine's registry in the suite's training (MMEngine's Runner): after each epoch the
-    top conv grows; the trained net still deploys to the plain architecture."""
+    top conv grows; the trained net still deploys to the plain architecture. vote needs grasp, which recomputes
+    the iteration's loss from the batch the hook kept."""
     from mmengine.registry import HOOKS
     import runners.dyrep  # noqa: F401 - what a config's custom_imports does
     from runners.train import train_classifier
@@ -298,9 +403,10 @@ def test_the_hook_grows_a_conv_during_mmengine_training(tmp_path):
     torch.manual_seed(0)
     net = build_classifier("resnet18", "none", 4)
     plain = sum(p.numel() for p in deploy(build_classifier("resnet18", "none", 4)).parameters())
-    hook = HOOKS.build(dict(type="repbench.DyRepHook", interval=1, recal_batches=2))
+    hook = HOOKS.build(dict(type="repbench.DyRepHook", interval=1, recal_batches=2, metric=metric))
     recipe = Recipe(dataset="synthetic", resolution=32, batch=2, epochs=2, max_iters=2, checkpoints=False)
     train_classifier(net, recipe, tmp_path, hooks=[hook])
+    assert all(e.score is not None for e in hook.dyrep.events)
     grows = [e for e in hook.dyrep.events if e.kind == "grow"]
     assert [e.epoch for e in grows] == [0, 1] and len({e.site for e in grows}) == 2
     assert sum(isinstance(m, MultiBranchConv) for m in net.modules()) == 2
@@ -370,7 +476,8 @@ def test_without_dep_nothing_is_cut():
     for dep, cuts in ((True, 1), (False, 0)):
         net = _two_site_net()
         dyrep = DyRep(net, None, "random", dep=dep)
-        dyrep.saliency.sums, dyrep.saliency.counts = {"0.conv": 1.0, "2.conv": 2.0}, {"0.conv": 1, "2.conv": 1}
+        dyrep.saliency.sums = {"random": {"0.conv": 1.0, "2.conv": 2.0}}
+        dyrep.saliency.counts = {"0.conv": 1, "2.conv": 1}
         dyrep.adjust(0)
         with torch.no_grad():
             for i, bn in enumerate(n for k, n in net.get_submodule("2.conv").norms.items() if k != "origin"):
@@ -397,14 +504,38 @@ def test_dyrep_tables_are_declared_as_printed(tmp_path):
     assert [t9.recipe("paper", r).dyrep_interval for r in t9.rows[2:]] == [5, 10, 15, 30, 50]
     assert t3.row("ResNet-18/Origin").paper["top1"].text == "69.54" and t3.recipes["paper"].nesterov
     declared = {r.name for t in (t3, t10) for r in t.rows if r.declared}
-    assert declared == {"MobileNet/Origin", "MobileNet/DBB", "MobileNet/DyRep", "CIFAR-10/grasp", "CIFAR-10/vote",
-                        "CIFAR-100/grasp", "CIFAR-100/vote"}
+    assert declared == {"MobileNet/DBB"}
+    assert t3.recipe("paper", t3.row("MobileNet/DyRep")).dyrep_max_epoch == 70
     assert t10.row("CIFAR-100/synflow").paper["top1"].text == "74.91"
+    assert {t10.row(f"CIFAR-10/{m}").dyrep.metric for m in ("grasp", "vote")} == {"grasp", "vote"}
     jobs = plan(t10, "smoke", 1, None, str(tmp_path), "sqlite://")
-    assert len(jobs) == 10 and not {j.spec.row_name for j in jobs} & declared
-    done = run_cli("dyrep.table3", "--only", "MobileNet/DyRep", "--dry-run", cwd=tmp_path)
-    assert done.returncode == 2 and done.stderr.strip().endswith("MobileNetV1 is not built yet")
+    assert len(jobs) == 14
+    done = run_cli("dyrep.table3", "--only", "MobileNet/DBB", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().endswith("the depthwise DBB (MobileNet's DBB row) is not built")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_tables_4_and_8_grow_in_repvgg_blocks_and_in_dbbs_op_space(tmp_path):
+    """Table 4: DyRep-X rows are RepVGG-X (rep repvgg) with DyRep settings, the B2g4 / B3 rows on the 200-epoch strong
+    recipe, ODBB and ResNeXt-101 declared; Table 8: DyRep over DBB's 4 ops and DBB over DyRep's 7, recorded in the
+    runs' configs (the default op space leaves earlier run keys as they were)."""
+    import suites
+    from runners.jobs import plan
+    t4, t8 = suites.get_table("dyrep.table4"), suites.get_table("dyrep.table8")
+    assert [r.name for r in t4.rows if r.declared] == ["ODBB(A2)", "ODBB(B3)", "ResNeXt-101"]
+    a2 = t4.row("DyRep-A2")
+    assert (a2.arch, a2.rep, a2.dyrep is not None, a2.paper["throughput"].text) == ("repvgg_a2", "repvgg", True, "1322")
+    strong = t4.recipe("paper", t4.row("RepVGG-B3"))
+    assert (strong.epochs, strong.randaugment, strong.label_smoothing, strong.warmup_epochs) == (200, 9, 0.1, 5.0)
+    assert t4.recipe("paper", a2).epochs == 120 and t4.row("ResNet-50").paper["top1"].text == "76.31"
+    jobs = {j.spec.row_name: j for j in plan(t8, "smoke", 1, None, str(tmp_path), "sqlite://")}
+    assert set(jobs) == {"Origin", "DBB (4 ops)", "DyRep (4 ops)", "DBB* (7 ops)", "DyRep (7 ops)"}
+    assert jobs["DyRep (4 ops)"].spec.config["dyrep"]["ops"] == "dbb"
+    assert "ops" not in jobs["DyRep (7 ops)"].spec.config["dyrep"]
+    assert jobs["DBB* (7 ops)"].spec.config["variant"]["branches"] == list(OPS)
+    assert t8.row("DyRep (7 ops)").paper["macs_avg"].value == 5.05
+    with pytest.raises(ValueError, match="only rows of dyrep, repvgg grow"):
+        suites.Row("x", "resnet18", "dbb", dyrep=suites.DyRep())
 
 
 def test_table7_retrains_the_structures_a_dyrep_run_grew(tmp_path):

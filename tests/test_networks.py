@@ -64,8 +64,16 @@ def vgg_params(widths=VGG16_CIFAR, classes=1000):
     return total + 512 * 512 + 512 + 512 * classes + classes
 
 
+def mobilenet_v1_params(classes=1000):
+    """Deployed MobileNetV1: a 3x3 conv 3 -> 32, 13 pairs of a depthwise 3x3 and a 1x1, each with its bias; FC."""
+    total, cin = conv(3, 32, 3), 32
+    for out in (64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024):
+        total, cin = total + conv(cin, cin, 3, groups=cin) + conv(cin, out, 1), out
+    return total + 1024 * classes + classes
+
+
 EXPECTED = {
-    "vgg16_cifar": vgg_params(),
+    "vgg16_cifar": vgg_params(), "mobilenet_v1": mobilenet_v1_params(),
     "resnet18": resnet_params((2, 2, 2, 2), False), "resnet34": resnet_params((3, 4, 6, 3), False),
     "resnet50": resnet_params((3, 4, 6, 3), True), "resnet101": resnet_params((3, 4, 23, 3), True),
     "resnext50_32x4d": resnet_params((3, 4, 6, 3), True, groups=32, base_width=4),
