@@ -332,7 +332,8 @@ class DyRep:
 def recalibrate_bn(block: nn.Module, model: nn.Module, batches, forward) -> None:
     """The official code's BN recalibration of a grown block: its BNs' statistics reset and re-estimated as a
     cumulative average over ``batches`` (forwarded through the whole ``model`` in eval mode by ``forward(batch)``,
-    only the block's BNs in train mode); every mode restored afterwards."""
+    only the block's BNs in train mode), averaged over the ranks of a process group; every mode restored
+    afterwards."""
     bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     modes = {m: m.training for m in model.modules()}
     momenta = {bn: bn.momentum for bn in bns}
@@ -344,6 +345,12 @@ def recalibrate_bn(block: nn.Module, model: nn.Module, batches, forward) -> None
     try:
         for batch in batches:
             forward(batch)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank's batches count
+            world = torch.distributed.get_world_size()
+            for bn in bns:
+                for stat in (bn.running_mean, bn.running_var):
+                    torch.distributed.all_reduce(stat)
+                    stat /= world
     finally:
         for bn in bns:
             bn.momentum = momenta[bn]

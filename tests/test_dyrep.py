@@ -3,6 +3,8 @@ eval-mode function unchanged at the moment they happen (float64 <= 1e-9, float32
 nested growth included, for shapes that vary channels, groups, stride and dilation; a network that grew and was cut
 deploys to exactly the plain architecture."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -577,3 +579,68 @@ def test_table3_report_says_the_printed_resnet_baselines_were_quoted(tmp_path):
     text = " ".join((tmp_path / "out" / "dyrep.table3.md").read_text().split())
     assert "Note: The printed Origin accuracies of ResNet-18 (69.54)" in text and "DyRep issue #1" in text
     assert "The suite's Origin rows train with the DyRep rows' recipe" in text
+
+
+def test_table4_smoke_grows_inside_repvgg_blocks_and_deploys_to_repvgg(tmp_path):
+    """run_suite dyrep.table4 --only DyRep-A2 at smoke: the growths are RepVGG blocks' 3x3 branches (events of the
+    run) and the deployed network the suite measured is RepVGG-A2's, to the parameter."""
+    import sqlite3
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli("dyrep.table4", "--only", "DyRep-A2", "--db", f"sqlite:///{db}", "--data-root",
+                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        sites_grown = [s for (s,) in c.execute("SELECT site FROM events WHERE kind = 'grow' ORDER BY id")]
+        values = dict(c.execute("SELECT name, value FROM metrics"))
+    assert len(sites_grown) == 2 and all(s.endswith(".branches.origin") for s in sites_grown)
+    assert values["params_deploy"] == sum(p.numel() for p in deploy(build_classifier("repvgg_a2", "repvgg", 4))
+                                          .parameters())
+
+
+def _dyrep_rank(rank: int, port: int, root: str, out: str) -> None:
+    import os
+    from mmengine.registry import HOOKS
+    import runners.dyrep  # noqa: F401
+    from runners.launch import DistEnv, destroy_process_group, init_process_group
+    from runners.train import train_classifier
+    from suites import Recipe
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist = DistEnv(rank, 2, rank, 2)
+    init_process_group(dist, "cpu", timeout_s=120)
+    torch.manual_seed(0)
+    net = build_classifier("vgg16_cifar", "dyrep", 4).double()
+    hook = HOOKS.build(dict(type="repbench.DyRepHook", interval=1, max_epoch=2, recal_batches=2, module="net"))
+    recipe = Recipe(dataset="synthetic_cifar", resolution=32, batch=2, devices=2, epochs=3, max_iters=2, lr=0.05,
+                    checkpoints=False)
+    train_classifier(net, recipe, Path(root), seed=0, device="cpu", dist=dist, hooks=[hook])
+    torch.save({"events": [(e.epoch, e.kind, e.site) for e in hook.dyrep.events],
+                "params": {k: v.detach().clone() for k, v in net.named_parameters()}}, f"{out}.{rank}")
+    destroy_process_group()
+
+
+def test_two_process_ddp_training_grows_the_same_conv_on_both_ranks_and_keeps_them_equal(tmp_path):
+    """DyRep under gloo DDP (2 processes): the saliency reads the all-reduced gradients, so both ranks grow the same
+    convs; after each change the model is re-wrapped, so the new branches' gradients are all-reduced too: after
+    training that grew twice, every parameter is identical on the two ranks and the first grown block trained."""
+    import multiprocessing as mp
+    from runners.launch import free_port
+    context, port = mp.get_context("spawn"), free_port()
+    processes = [context.Process(target=_dyrep_rank, args=(r, port, str(tmp_path / "data"), str(tmp_path / "out")))
+                 for r in range(2)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(300)
+        assert p.exitcode == 0, f"rank exited with {p.exitcode}"
+    ranks = [torch.load(f"{tmp_path / 'out'}.{r}", weights_only=True) for r in range(2)]
+    assert ranks[0]["events"] == ranks[1]["events"] and [e[:2] for e in ranks[0]["events"]] == [(0, "grow"),
+                                                                                              (1, "grow")]
+    assert ranks[0]["params"].keys() == ranks[1]["params"].keys()
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    first = ranks[0]["events"][0][2]
+    grown = [v for k, v in ranks[0]["params"].items() if k.startswith(f"{first}.norms.") and "origin" not in k
+             and k.endswith("weight")]
+    assert grown and any(float((w - GAMMA).abs().max()) > 0 for w in grown)  # trained past their initial 0.01
