@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import tempfile
@@ -86,7 +87,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
     """Load a checkpoint into ``model`` strictly.
 
     The checkpoint's form must match the model's (deploy the model first to load a deploy checkpoint); for a bare
-    state dict the form is inferred from its keys. Any missing or unexpected key, or shape mismatch, raises
+    state dict the form is inferred from its keys. A DyRep-grown run's train-form weights carry the structure
+    events they belong to (metadata ``events``): a plain model grows that structure first. Any missing or unexpected key, or shape mismatch, raises
     :class:`CheckpointError` and leaves ``model`` untouched. Returns the checkpoint's metadata.
     """
     return load_state(model, read_checkpoint(path), str(path))
@@ -104,6 +106,16 @@ def load_state(model: nn.Module, ckpt: dict, path: str) -> dict:
         want, got = getattr(model, key, None), ckpt[key]
         if want is not None and got is not None and want != got:
             raise CheckpointError(f"{path} was saved from {key}={got!r}, the model has {key}={want!r}")
+    events = (ckpt.get("meta") or {}).get("events")
+    if events and ckpt_form == "train" and set(state) != set(model.state_dict()):
+        from .dyrep import rebuild  # a DyRep-grown run's weights: grow the plain model as the run did first
+        trial = copy.deepcopy(model)
+        try:
+            rebuild(trial, events)
+        except (KeyError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: its structure events do not apply to this model ({e})") from None
+        if set(trial.state_dict()) == set(state):
+            rebuild(model, events)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

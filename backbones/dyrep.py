@@ -203,3 +203,20 @@ def _grown_blocks(model: nn.Module) -> set[MultiBranchConv]:
     grown = {m.conv for m in model.modules() if isinstance(m, ConvBN) and isinstance(m.conv, MultiBranchConv)}
     grown |= {m.block for m in model.modules() if isinstance(m, Grown)}
     return grown
+
+
+def rebuild(model: nn.Module, events: list[dict]) -> nn.Module:
+    """The structure that recorded ``events`` (``{"kind", "site", "branches", ...}``: a grown run's grow / cut /
+    collapse events, in order) describe, built on ``model`` (the plain network they started from) so that the grown
+    run's train-form weights load into it strictly. New parameters are placeholders until those weights load."""
+    for event in events:
+        kind, site, branches = event["kind"], event["site"], list(event.get("branches") or [])
+        if kind == "grow":
+            grow(*sites(model)[site], ops=tuple(branches))
+        elif kind == "cut":
+            cut(model.get_submodule(site), branches)
+        elif kind == "collapse":
+            collapse(model.get_submodule(site.rsplit(".", 1)[0]))
+        else:
+            raise ValueError(f"unknown structure event {kind!r}")
+    return model

@@ -405,8 +405,10 @@ def build_table_report(table: Table, store) -> dict:
     else:
         runs, metrics, envs = (store.runs_frame(table.key), store.metrics_frame(table.key),
                                store.environments_frame(table.key))
-    report = {"table": table, "sections": [], "runs": [], "environments": [], "never_run": runs.empty}
+    report = {"table": table, "sections": [], "runs": [], "environments": [], "never_run": runs.empty,
+              "runnable": bool(table.recipes)}
     if runs.empty:
+        report["printed"] = printed_values(table)
         return report
     for scale in [s for s in table.scales if s in set(runs.scale)]:
         report["sections"].append(build_section(table, scale, runs, metrics, envs, lineage(store, table.key)))
@@ -419,6 +421,18 @@ def build_table_report(table: Table, store) -> dict:
         report["environments"] = envs[cols].astype(object).where(envs[cols].notna(), None).drop_duplicates() \
             .to_dict("records")
     return report
+
+
+def printed_values(table: Table) -> dict:
+    """The paper's values of every row, as printed (what a report shows before anything ran): columns and rows."""
+    columns = ["row"] + [METRICS[m].label for m in table.metrics] + ["status"]
+    rows = []
+    for row in table.rows:
+        values = {METRICS[m].label: row.paper[m].text if m in row.paper else "–" for m in table.metrics}
+        rows.append({"row": row.name, **values, "status": f"declared: {row.declared}" if row.declared else ""})
+    if not any(r["status"] for r in rows):
+        columns.remove("status")
+    return {"columns": columns, "rows": rows}
 
 
 def leaderboard(reports: list[dict]) -> list[dict]:

@@ -15,7 +15,7 @@ import sys
 import subprocess
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from results import LeaseLost, MetricRecord, RunSpec, Store, error_reason, mask_url
@@ -612,7 +612,6 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist, fixe
         d = c["dyrep"]
 
         def on_events(events):
-            from dataclasses import asdict
             store.log_events(run_id, [asdict(e) for e in events], owner=owner)
             for e in events:
                 log(f"DyRep after epoch {e.epoch + 1}: {e.kind} {e.site} {' '.join(e.branches)}")
@@ -651,12 +650,14 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist, fixe
                            owner=owner)
     for record in result.epochs:  # epochs trained before a resume: their metrics were cleared with the retry
         on_epoch(record)
-    _training_costs(store, claim, job, recipe, result, (fixed or []) + (dyrep.dyrep.events if dyrep else []),
-                    dyrep is not None or bool(fixed), context)
+    events = (fixed or []) + (dyrep.dyrep.events if dyrep else [])  # the structure's changes, from the plain net
+    _training_costs(store, claim, job, recipe, result, events, dyrep is not None or bool(fixed), context)
     if recipe.checkpoints:
         for form, weights in (("weights_train", model), ("weights_deploy", deploy(copy.deepcopy(model).eval()))):
+            # a grown (DyRep) network's train form: the structure events it needs before a strict load
+            grown = {"events": [asdict(e) for e in events]} if form == "weights_train" and events else {}
             path = save_checkpoint(weights, run_dir / f"{form.replace('_', '-')}.pth", table=c["table"],
-                                   row=c["row"], scale=c["scale"], seed=c["seed"], variant=c["variant"])
+                                   row=c["row"], scale=c["scale"], seed=c["seed"], variant=c["variant"], **grown)
             store.log_artifact(run_id, form, str(path), path.stat().st_size, sha256_of(path), recipe.epochs,
                                owner=owner)
         # The training-state checkpoints only serve a resume: once the final weights are recorded they go (a mini

@@ -143,6 +143,35 @@ def test_a_network_that_grew_and_was_cut_deploys_to_the_plain_architecture(dtype
     assert rel_err(_out(model, x), reference) <= TOLERANCE[dtype]
 
 
+def test_a_grown_runs_weights_load_into_the_plain_network_through_its_events(tmp_path):
+    """The final train-form weights of a grown run carry its events: load_checkpoint grows a fresh plain network the
+    same way, then loads strictly (the same function); events that do not fit the model are a CheckpointError."""
+    from dataclasses import asdict
+    from backbones import load_checkpoint, save_checkpoint
+    from backbones.deploy import CheckpointError
+    from runners.dyrep import DyRep
+    torch.manual_seed(0)
+    net = randomize(build_classifier("vgg16_cifar", "dyrep", 4)).double()
+    dyrep = DyRep(net)
+    dyrep.saliency.counts = {"features.2.conv": 1, "features.5.conv": 1}
+    dyrep.saliency.sums = {"synflow": {"features.2.conv": 2.0, "features.5.conv": 1.0}}
+    dyrep.adjust(0)
+    cut(net.get_submodule("features.2.conv"), ["hor", "avg"])
+    dyrep.events.append(dyrep.events[0].__class__(0, "cut", "features.2.conv", ["hor", "avg"]))
+    _perturb(net, 1)
+    path = save_checkpoint(net, tmp_path / "w.pth", events=[asdict(e) for e in dyrep.events])
+    fresh = build_classifier("vgg16_cifar", "dyrep", 4).double()
+    meta = load_checkpoint(fresh, path)
+    assert [e["kind"] for e in meta["meta"]["events"]] == ["grow", "cut"]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert rel_err(_out(fresh, x), _out(net, x)) <= 1e-12
+    events = [asdict(e) for e in dyrep.events]
+    events[0]["site"] = "features.9.conv"  # no such conv
+    path = save_checkpoint(net, tmp_path / "w.pth", events=events)
+    with pytest.raises(CheckpointError, match="do not apply"):
+        load_checkpoint(build_classifier("vgg16_cifar", "dyrep", 4).double(), path)
+
+
 def test_cut_refuses_the_origin_and_unknown_branches():
     host = _host(ConvGeometry(8, 8, 3), torch.float64)
     block = grow(host, "conv")
@@ -644,3 +673,17 @@ def test_two_process_ddp_training_grows_the_same_conv_on_both_ranks_and_keeps_th
     grown = [v for k, v in ranks[0]["params"].items() if k.startswith(f"{first}.norms.") and "origin" not in k
              and k.endswith("weight")]
     assert grown and any(float((w - GAMMA).abs().max()) > 0 for w in grown)  # trained past their initial 0.01
+
+
+def test_table5_is_declared_for_the_dense_runner_and_its_report_shows_the_printed_values(tmp_path):
+    """dyrep.table5 (FPN / PSPNet finetuning) has no runner yet: running it is a one-line error (exit 2); its report,
+    before anything ran, lists every printed value and says it is declared."""
+    import suites
+    from reports.build import build_table_report
+    from reports.render import render_markdown
+    from test_cli import run_cli
+    done = run_cli("dyrep.table5", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "declared" in done.stderr
+    text = render_markdown(build_table_report(suites.get_table("dyrep.table5"), None))
+    assert "it is declared (printed values only); its runner (dense)" in text
+    assert "| DyRep (C+D) | 77.08 | 38.1 | 78.49 |" in text and "| Origin | 76.13 | 37.4 | 77.85 |" in text
