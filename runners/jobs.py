@@ -593,7 +593,11 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist, fixe
         store.log_metrics(run_id, owner=owner, records=[
             MetricRecord("top1", record["top1"], "%", step=record["step"], method=method, **context),
             MetricRecord("train_loss", record["train_loss"], "nats", step=record["step"],
-                         method=f"mean cross-entropy of epoch {record['epoch']} over all processes", **context)])
+                         method=f"mean cross-entropy of epoch {record['epoch']} over all processes", **context),
+            *([MetricRecord("epoch_hours", record["seconds"] * c["world_size"] / 3600, "h", step=record["step"],
+                            method=f"wall time of epoch {record['epoch']} x {c['world_size']} process(es), "
+                                   "validation excluded (DyRep's cost grows with the structure)", **context)]
+              if "train_hours" in c["metrics"] else [])])
 
     def on_checkpoint(kind, path, size, sha, epoch):
         if kind == "removed":

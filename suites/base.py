@@ -35,6 +35,7 @@ METRICS = {m.name: m for m in (
     MetricSpec("throughput", "img/s", "Throughput", "cost", True),  # deployed forward, the inference probe
     # the training run's own wall time x its devices (DyRep's "Cost (GPU hrs.)"), not a probe
     MetricSpec("train_hours", "h", "Cost (device hours)", "cost", False),
+    MetricSpec("epoch_hours", "h", "Cost per epoch (device hours)", "cost", False),  # per epoch (step series)
     # averages over the training epochs of the training-form network (DyRep's structure changes while it trains)
     MetricSpec("params_avg", "", "Avg. params (training)", "size", False),
     MetricSpec("macs_avg", "", "Avg. FLOPs (training)", "size", False),

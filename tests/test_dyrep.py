@@ -485,6 +485,10 @@ def test_dyrep_table2_smoke_records_events_and_averages_over_training(tmp_path):
                            "ORDER BY events.id").fetchall()
         values = {(row, name): value for row, name, value in c.execute(
             "SELECT row_name, name, value FROM metrics JOIN runs ON runs.id = run_id")}
+        per_epoch = c.execute("SELECT value FROM metrics JOIN runs ON runs.id = run_id WHERE name = 'epoch_hours' "
+                              "AND row_name = 'CIFAR-10/DyRep' ORDER BY step").fetchall()
+    assert len(per_epoch) == 2 and sum(v for (v,) in per_epoch) == pytest.approx(values[("CIFAR-10/DyRep",
+                                                                                          "train_hours")])
     assert [(row, epoch, kind) for row, epoch, kind, _, _ in events] == [("CIFAR-10/DyRep", 0, "grow"),
                                                                           ("CIFAR-10/DyRep", 1, "grow")]
     assert all(site.endswith(".conv") and "origin" in json.loads(branches) for *_, site, branches in events)
