@@ -4,7 +4,8 @@ Every block in :mod:`backbones` is merged with these functions and nothing else.
 ``nn.Conv2d.weight``: ``(out_channels, in_channels // groups, kh, kw)``; a bias is ``(out_channels,)``.
 Convolution is PyTorch's cross-correlation. The names follow DBB's "transforms" (I: fuse BN, II: add branches,
 III: 1x1 -> kxk, IV: depth concatenation, V: average pooling, VI: multi-scale padding) plus the identity and the
-kxk -> kxk composition used by OREPA's linear deep stem.
+kxk -> kxk composition used by OREPA's linear deep stem, a BN before a conv (RepNeXt's downsampling) and RepNeXt's
+shortcut re-parameterization (Eq. 5-8).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ __all__ = [
     "identity_kernel",
     "concat_depth",
     "depthwise_pointwise_kernel",
+    "fuse_bn_conv",
+    "depthwise_with_identity",
+    "pointwise_with_identity",
+    "pointwise_add_identity",
 ]
 
 
@@ -132,3 +137,46 @@ def depthwise_pointwise_kernel(depthwise: Tensor, pointwise: Tensor, multiplier:
         return kernel, None
     bias = torch.einsum("goit,git->go", pw, depthwise_bias.reshape(groups, c_per_group, multiplier))
     return kernel, bias.reshape(o)
+
+
+def fuse_bn_conv(bn: torch.nn.modules.batchnorm._BatchNorm, kernel: Tensor, bias: Tensor | None = None):
+    """An eval-mode BatchNorm followed by an unpadded, ungrouped conv -> one conv (RepNeXt's downsampling: "the case
+    where the BN layer is in front of the conv layer": the BN is a per-channel affine map, a 1x1 conv, composed with
+    the conv). Exact only without zero padding (a padded border would see the BN's shift where the input is 0);
+    the caller guarantees it."""
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std
+    shift = bn.bias - bn.running_mean * scale
+    fused = kernel * scale.reshape(1, -1, 1, 1)
+    extra = (kernel * shift.reshape(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+    return fused, extra if bias is None else bias + extra
+
+
+def depthwise_with_identity(kernel: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """RepNeXt's gw^rep (Eq. 6; Sec. 3.2 instruction 1): a depthwise (C, 1, k, k) conv becomes a (2C, 1, k, k) conv
+    with groups=C whose group g outputs [the depthwise output of channel g, channel g itself] (a dirac kernel, Eq. 5,
+    inserted after each depthwise kernel); the identity outputs carry no bias."""
+    c, _, kh, kw = kernel.shape
+    dirac = torch.zeros_like(kernel)
+    dirac[:, :, kh // 2, kw // 2] = 1.0
+    return (torch.stack((kernel, dirac), 1).reshape(2 * c, 1, kh, kw),
+            torch.stack((bias, torch.zeros_like(bias)), 1).reshape(2 * c))
+
+
+def pointwise_with_identity(kernel: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """RepNeXt's pw_1^rep (Eq. 7): a (H, C, 1, 1) pointwise conv reading :func:`depthwise_with_identity`'s
+    interleaved 2C channels -> (H + C, 2C, 1, 1): the first H outputs are the pointwise conv of the depthwise outputs
+    (zeros on the identity channels), the last C pass the identity channels through; no bias on those."""
+    h, c = kernel.shape[:2]
+    rep = kernel.new_zeros(h + c, c, 2)
+    rep[:h, :, 0] = kernel.reshape(h, c)
+    rep[h + torch.arange(c), torch.arange(c), 1] = 1.0
+    return rep.reshape(h + c, 2 * c, 1, 1), torch.cat((bias, bias.new_zeros(c)))
+
+
+def pointwise_add_identity(kernel: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """RepNeXt's pw_2^rep (Eq. 8): a (C, H, 1, 1) pointwise conv plus the shortcut -> (C, H + C, 1, 1) reading
+    [the H hidden channels, the C shortcut channels] with a dirac block on the latter; the bias unchanged."""
+    c = kernel.shape[0]
+    identity = torch.eye(c, dtype=kernel.dtype, device=kernel.device).reshape(c, c, 1, 1)
+    return torch.cat((kernel, identity), 1), bias

@@ -17,20 +17,34 @@ from .blocks import ReparamBlock
 CHECKPOINT_FORMAT = "repbench-checkpoint-v1"
 
 
-def deploy(model: nn.Module) -> nn.Module:
-    """Replace every :class:`ReparamBlock` in ``model`` by the ``nn.Conv2d`` it is equivalent to, in place.
+def deploy(model: nn.Module, shortcut: bool = False, pointwise_as_linear: bool = False) -> nn.Module:
+    """Replace every :class:`ReparamBlock` in ``model`` by the ``nn.Conv2d`` it is equivalent to, in place; a module
+    with a ``deployed(shortcut=..., pointwise_as_linear=...)`` method (RepNeXt's blocks and head,
+    backbones/repnext.py) by the module that method returns.
 
-    Idempotent (a deployed model has no blocks left). Returns ``model``, or the conv if ``model`` itself is a block.
+    ``shortcut``: RepNeXt's shortcut re-parameterization (sRep) on top of the regular one (rRep);
+    ``pointwise_as_linear``: rRep with RepNeXt's pointwise convs as Linear layers (its Table 4's throughput form).
+    Either on a model without such blocks is a ValueError. Idempotent (a deployed model has no blocks left).
+    Returns ``model``, or the conv if ``model`` itself is a block.
     """
+    from .repnext import NeXtBlock
+    if (shortcut or pointwise_as_linear) and not any(isinstance(m, NeXtBlock) for m in model.modules()):
+        raise ValueError("shortcut / pointwise_as_linear deploy RepNeXt-style blocks; this model has none")
+    return _deploy(model, dict(shortcut=shortcut, pointwise_as_linear=pointwise_as_linear))
+
+
+def _deploy(model: nn.Module, options: dict) -> nn.Module:
     if isinstance(model, ReparamBlock):
         return model.to_deploy()
+    if callable(getattr(model, "deployed", None)):
+        return model.deployed(**options)
     for name, child in list(model.named_children()):
-        if isinstance(child, ReparamBlock):
-            conv = child.to_deploy()
-            conv.train(child.training)
-            setattr(model, name, conv)
+        if isinstance(child, ReparamBlock) or callable(getattr(child, "deployed", None)):
+            new = _deploy(child, options)
+            new.train(child.training)
+            setattr(model, name, new)
         else:
-            deploy(child)
+            _deploy(child, options)
     return model
 
 

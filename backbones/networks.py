@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .variants import REPVGG_REPS, RESNET_REPS, VGG_REPS, RepConfig, make_conv, resolve_variant
+from .repnext import NeXt
+from .variants import NEXT_REPS, REPVGG_REPS, RESNET_REPS, VGG_REPS, RepConfig, make_conv, resolve_variant
 from .zoo import TORCHVISION, build_torchvision
 
 
@@ -259,12 +260,19 @@ ARCHS: dict[str, Arch] = {
     "vgg16_cifar": Arch("vgg", dict(widths=(64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
                                             512, 512, 512, "M")), "DyRep Table 2 (official code's VGG-16 for CIFAR)"),
     "mobilenet_v1": Arch("mobilenet", {}, "Howard et al. 2017 (width 1.0); DyRep Table 3"),
+    # ConvNeXt (Liu et al. 2022) and RepNeXt's Table 5 chain towards RepNeXt (backbones/repnext.py), T / S / B sizes
+    **{f"{step}_{size}": Arch("next", dict(depths=depths, dims=dims, step=step), source)
+       for size, depths, dims in (("t", (3, 3, 9, 3), (96, 192, 384, 768)), ("s", (3, 3, 27, 3), (96, 192, 384, 768)),
+                                  ("b", (3, 3, 27, 3), (128, 256, 512, 1024)))
+       for step, source in (("convnext", "Liu et al. 2022; RepNeXt Tables 4-6"),
+                            ("lc2pwconv", "RepNeXt Table 5"), ("ln2bn", "RepNeXt Table 5"),
+                            ("shortcut_act", "RepNeXt Table 5"), ("repnext", "RepNeXt Sec. 3.3"))},
     # plain torchvision networks that tables compare against (backbones/zoo.py); rep "none" only
     **{name: Arch("torchvision", {}, f"torchvision {builder}; RepOptimizers Table 3")
        for name, builder in TORCHVISION.items()},
 }
 FAMILY_REPS = {"resnet": RESNET_REPS, "repvgg": REPVGG_REPS, "vgg": VGG_REPS, "torchvision": ("none",),
-               "mobilenet": ("none", "dyrep")}  # the depthwise DBB (DyRep Table 3's MobileNet DBB row) is not built
+               "mobilenet": ("none", "dyrep"), "next": NEXT_REPS}  # the depthwise DBB (DyRep Table 3's MobileNet DBB row) is not built
 
 
 def check_combination(arch: str, rep: str) -> Arch:
@@ -291,6 +299,14 @@ def build_classifier(arch: str, rep: str = "none", num_classes: int = 1000, vari
         if backbone_kwargs:
             raise ValueError(f"{arch} takes no options, got {sorted(backbone_kwargs)}")
         model = build_torchvision(arch, num_classes)
+    elif spec.family == "next":
+        if backbone_kwargs or not num_classes:
+            raise ValueError(f"{arch} is a classification network here: no options, no headless form")
+        if (rep == "repnext") != (spec.kwargs["step"] == "repnext"):
+            raise ValueError(f"rep {rep!r} is not defined for {arch}: RepNeXt archs take rep 'repnext', ConvNeXt and "
+                             "its Table 5 steps rep 'none'")
+        model = NeXt(num_classes=num_classes, unit=config.unit, act=config.act,
+                     layer_scale=config.layer_scale, drop_path=config.drop_path, **spec.kwargs)
     elif spec.family == "resnet":
         model = ResNet(config=config, num_classes=num_classes, **spec.kwargs, **backbone_kwargs)
     elif spec.family in ("vgg", "mobilenet"):

@@ -18,6 +18,7 @@ from .repopt import CSLA, RepOptConvBN, hs_scale_init
 RESNET_REPS = ("none", "acb", "dbb", "orepa", "dyrep")
 VGG_REPS = ("none", "dbb", "dyrep")  # VGG-16 for CIFAR (DyRep Table 2): plain, DBB everywhere, DyRep
 REPVGG_REPS = ("none", "repvgg", "orepa_vgg", "csla", "hs", "repopt")  # the last three: RepOptimizers
+NEXT_REPS = ("none", "repnext")  # ConvNeXt and RepNeXt's Table 5 chain (backbones/repnext.py): none; RepNeXt: repnext
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class RepConfig:
     strides: tuple[int, ...] | None = None  # RepVGG-family networks: strides of the five stride-2 layers (RepOpt
     #                                         Table 6's Hyper-Search variants); None: the architecture's own
     se: bool = False  # RepOpt-VGG: an SE block after each 3x3 conv's ReLU (RepOpt Table 3's "†"; backbones/networks)
+    unit: str = "u3"          # RepNeXt: RepUnit 1, 2 or 3 (backbones/repnext.py; the paper's u3 the default)
+    act: str = "gelu"         # ConvNeXt / RepNeXt chain: the blocks' activation (gelu as ConvNeXt; relu: a check)
+    layer_scale: float = 1e-6  # ConvNeXt's layer scale init, kept through the chain (0: none); folds at deploy
+    drop_path: float = 0.0    # ConvNeXt's stochastic depth (the last block's rate); the recipes say which
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -56,6 +61,7 @@ DEFAULTS = {
     "hs": RepConfig("hs", form="linear_offline"),
     "repopt": RepConfig("repopt"),
     "dyrep": RepConfig("dyrep"),  # the plain network; its convs grow during training (runners/dyrep.py)
+    "repnext": RepConfig("repnext"),  # RepNeXt's RepUnits (backbones/repnext.py); deploy levels rRep / sRep
 }
 TUNABLE = {  # the fields a variant may change, per rep
     "none": set(), "acb": set(),
@@ -64,6 +70,7 @@ TUNABLE = {  # the fields a variant may change, per rep
     "repvgg": {"form", "scaling", "post_norm"},
     "orepa_vgg": {"form"},
     "csla": {"hs_init", "strides"}, "hs": {"hs_init", "strides"}, "repopt": {"strides", "se"}, "dyrep": set(),
+    "repnext": {"unit", "act", "layer_scale", "drop_path"},
 }
 _WITHOUT_BRANCH_NORM = dict(form="linear_offline", scaling="none", post_norm=True)
 PRESETS = {
@@ -72,6 +79,7 @@ PRESETS = {
     "repvgg": {"no_branch_norm": _WITHOUT_BRANCH_NORM,                         # OREPA Table 1
                "online": dict(form="online", scaling="vector", post_norm=True)},  # supplement Table 3
     "orepa_vgg": {"offline": dict(form="offline_bn")},                         # supplement Table 3
+    "repnext": {unit: dict(unit=unit) for unit in ("u1", "u2", "u3")},         # RepNeXt Tables 2-3
     "orepa": {
         # OREPA Table 2, the component chain on top of DBB's branches
         "dbb_online": dict(branches=DBB_BRANCHES, deep_stem=False, rep_1x1=False),

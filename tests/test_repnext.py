@@ -1,0 +1,189 @@
+"""RepNeXt (backbones/repnext.py): RepUnit 1/2/3, the block's regular (rRep) and shortcut (sRep) re-parameterization,
+the ConvNeXt chain of its Table 5, exact for every unit and size, float32 and float64, GELU and ReLU, every
+parameter and BN statistic randomised; counts against Table 4 and torchvision's ConvNeXt."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from backbones import algebra, build_classifier, deploy
+from backbones.repnext import NeXtBlock, RepUnit, thirds
+from conftest import TOLERANCE, randomize, rel_err
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every weight at unit gain (ConvNeXt's std 0.02 would leave the shortcut alone to be tested), every bias and
+    layer scale away from its zero / 1e-6 start, BN statistics random (conftest)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5)
+            elif p.dim() > 1:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / fan_in ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    return randomize(model, seed)
+
+
+def _outputs(model, x, **options):
+    with torch.no_grad():
+        expected = model.eval()(x)
+        deployed = deploy(copy.deepcopy(model), **options)
+        return expected, deployed.eval()(x), deployed
+
+
+def test_bn_before_an_unpadded_conv_folds_exactly():
+    torch.manual_seed(0)
+    bn = randomize(nn.BatchNorm2d(6)).double().eval()
+    conv = nn.Conv2d(6, 10, 2, 2).double()
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    kernel, bias = algebra.fuse_bn_conv(bn, conv.weight, conv.bias)
+    with torch.no_grad():
+        assert rel_err(nn.functional.conv2d(x, kernel, bias, 2), conv(bn(x))) <= 1e-12
+
+
+def test_shortcut_kernels_pass_the_input_through_interleaved():
+    """Eq. 5-7 as pure functions: the groupwise conv outputs [dw_g(x), x_g] per group g; pw_1^rep maps them to
+    [pw_1(dw(x)), x]; pw_2^rep adds its last C inputs to the pointwise output."""
+    torch.manual_seed(0)
+    c, h = 4, 6
+    dw, dw_b = torch.randn(c, 1, 7, 7, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    x = torch.randn(2, c, 9, 9, dtype=torch.float64)
+    gw, gw_b = algebra.depthwise_with_identity(dw, dw_b)
+    y = nn.functional.conv2d(x, gw, gw_b, padding=3, groups=c)
+    assert torch.equal(y[:, 1::2], x) and rel_err(y[:, 0::2], nn.functional.conv2d(x, dw, dw_b, padding=3,
+                                                                                      groups=c)) <= 1e-14
+    pw, pw_b = torch.randn(h, c, 1, 1, dtype=torch.float64), torch.randn(h, dtype=torch.float64)
+    k1, b1 = algebra.pointwise_with_identity(pw, pw_b)
+    z = nn.functional.conv2d(y, k1, b1)
+    assert torch.equal(z[:, h:], x) and rel_err(z[:, :h], nn.functional.conv2d(y[:, 0::2], pw, pw_b)) <= 1e-14
+    pw2, pw2_b = torch.randn(c, h, 1, 1, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    k2, b2 = algebra.pointwise_add_identity(pw2, pw2_b)
+    assert rel_err(nn.functional.conv2d(z, k2, b2), nn.functional.conv2d(z[:, :h], pw2, pw2_b) + x) <= 1e-14
+
+
+def test_repunit1_splits_channels_in_thirds_as_evenly_as_possible():
+    assert thirds(96) == [32, 32, 32] and thirds(128) == [43, 43, 42] and thirds(256) == [86, 85, 85]
+
+
+@pytest.mark.parametrize("unit", ["u1", "u2", "u3"])
+@pytest.mark.parametrize("channels", [6, 7, 8])
+def test_repunit_deploys_to_one_7x7_depthwise_conv(unit, channels, dtype):
+    torch.manual_seed(0)
+    block = _randomize(RepUnit(channels, unit)).to(dtype)
+    x = torch.randn(2, channels, 9, 9, dtype=dtype)
+    expected, got, conv = _outputs(block, x)
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (7, 7) and conv.groups == channels
+    assert rel_err(got, expected) <= TOLERANCE[dtype]
+
+
+BLOCKS = [("repnext", "u1"), ("repnext", "u2"), ("repnext", "u3"), ("shortcut_act", "u3")]
+
+
+@pytest.mark.parametrize("step,unit", BLOCKS, ids=[f"{s}-{u}" for s, u in BLOCKS])
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_block_rrep_and_srep_equal_the_training_form(step, unit, act, dtype):
+    """Train == rRep == sRep == rRep with Linear pointwise layers, in eval mode; sRep is a plain chain: a 7x7 conv
+    (2C outputs, groups C), a 1x1 to 5C, the activation and a 1x1 back to C, nothing added."""
+    torch.manual_seed(0)
+    c = 9
+    block = _randomize(NeXtBlock(c, step, unit, act)).to(dtype)
+    x = torch.randn(2, c, 8, 8, dtype=dtype)
+    expected, rrep, deployed = _outputs(block, x)
+    assert isinstance(deployed, NeXtBlock) and type(deployed.dw) is nn.Conv2d and deployed.gamma is None
+    assert rel_err(rrep, expected) <= TOLERANCE[dtype]
+    _, srep, plain = _outputs(block, x, shortcut=True)
+    assert type(plain) is nn.Sequential and [type(m) for m in plain] == [nn.Conv2d, nn.Conv2d,
+                                                                         type(block.act), nn.Conv2d]
+    gw, pw1, _, pw2 = plain
+    assert (gw.out_channels, gw.groups, pw1.out_channels, pw2.in_channels) == (2 * c, c, 5 * c, 5 * c)
+    assert rel_err(srep, expected) <= TOLERANCE[dtype]
+    _, linear, as_linear = _outputs(block, x, pointwise_as_linear=True)
+    assert isinstance(as_linear.pw1, nn.Linear) and rel_err(linear, expected) <= TOLERANCE[dtype]
+
+
+def test_blocks_without_an_activated_shortcut_refuse_srep():
+    for step in ("convnext", "lc2pwconv", "ln2bn"):
+        with pytest.raises(ValueError, match="shortcut re-parameterizable"):
+            deploy(NeXtBlock(6, step), shortcut=True)
+    with pytest.raises(ValueError, match="has none"):
+        deploy(build_classifier("resnet18", "none", 10), shortcut=True)
+
+
+NETWORKS = [("repnext", "u1"), ("repnext", "u2"), ("repnext", "u3"), ("shortcut_act", "u3")]
+
+
+def _check_network(model, dtype):
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    expected, rrep, _ = _outputs(model, x)
+    assert rel_err(rrep, expected) <= TOLERANCE[dtype]
+    _, srep, plain = _outputs(model, x, shortcut=True)
+    assert rel_err(srep, expected) <= TOLERANCE[dtype]
+    assert not any(isinstance(m, NeXtBlock) for m in plain.modules())
+    assert all(type(block) is nn.Sequential for stage in plain.stages for block in stage)
+
+
+@pytest.mark.parametrize("step,unit", NETWORKS, ids=[f"{s}-{u}" for s, u in NETWORKS])
+def test_network_train_equals_rrep_equals_srep(step, unit, dtype):
+    """A whole network of the T layout at reduced width and depth (stem conv + BN, BN + 2x2 downsampling, the
+    blocks, BN head; widths not divisible by 3 for RepUnit1): rRep and sRep give the training form's eval output;
+    the sRep network has no block with a shortcut left."""
+    from backbones.repnext import NeXt
+    torch.manual_seed(0)
+    _check_network(_randomize(NeXt((1, 1, 2, 1), (8, 16, 20, 32), step, 10, unit)).to(dtype), dtype)
+
+
+@pytest.mark.slow
+def test_repnext_u3_t_train_equals_rrep_equals_srep():
+    """RepNeXt-u3-T itself (float32: float64 depthwise convs of this size are minutes on a CPU)."""
+    torch.manual_seed(0)
+    _check_network(_randomize(build_classifier("repnext_t", "repnext", 10)), torch.float32)
+
+
+def test_ln2bn_folds_its_bns_and_convnext_keeps_its_layernorms(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    model = _randomize(build_classifier("ln2bn_t", "none", 10)).to(dtype)
+    expected, got, deployed = _outputs(model, x)
+    assert rel_err(got, expected) <= TOLERANCE[dtype]
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deployed.modules())
+    convnext = build_classifier("convnext_t", "none", 10)
+    assert sum(isinstance(m, nn.LayerNorm) for m in deploy(convnext).modules()) == 18 + 1 + 3 + 1
+
+
+def test_counts_reproduce_table_4_and_torchvisions_convnext():
+    """Params through the chain train -> rRep -> sRep at Table 4's printed precision (millions, rounded):
+    RepNeXt-u3-T 29 -> 29 -> 52, S 50 -> 50 -> 92, B 89 -> 89 -> 163; ConvNeXt-T exactly torchvision's
+    convnext_tiny (28,589,128). MACs at 224x224 are the architecture's (T 4.47 / 4.46 / 8.20 G, S 8.71 / 8.68 /
+    16.14, B 15.39 / 15.35 / 28.53; ConvNeXt-T 4.46 as torchvision's 4.46 GFLOPS): Table 4 prints 4.5 -> 4.4 -> 8.2
+    for T, a difference the report states. Counted on the meta device (shapes only)."""
+    from torchvision.models import convnext_tiny
+    from runners.probes import _on_meta, count_macs
+    assert sum(p.numel() for p in build_classifier("convnext_t").parameters()) == \
+        sum(p.numel() for p in convnext_tiny().parameters()) == 28_589_128
+    printed = {"t": (29, 29, 52, 4.47, 4.46, 8.20), "s": (50, 50, 92, 8.71, 8.68, 16.14),
+               "b": (89, 89, 163, 15.39, 15.35, 28.53)}
+    for size, (p_train, p_rrep, p_srep, m_train, m_rrep, m_srep) in printed.items():
+        with torch.device("meta"):
+            model = build_classifier(f"repnext_{size}", "repnext").eval()
+        forms = [model, deploy(copy.deepcopy(model)), deploy(copy.deepcopy(model), shortcut=True)]
+        params = [round(sum(p.numel() for p in m.parameters()) / 1e6) for m in forms]
+        macs = [round(count_macs(_on_meta(m), 224) / 1e9, 2) for m in forms]
+        assert params == [p_train, p_rrep, p_srep], size
+        assert macs == [m_train, m_rrep, m_srep], size
+    assert round(count_macs(_on_meta(build_classifier("convnext_t").eval()), 224) / 1e9, 2) == 4.46
+
+
+def test_variants_and_bad_combinations():
+    model = build_classifier("repnext_t", "repnext", 10, variant="u1")
+    assert model.stages[0][0].dw.unit == "u1" and model.stages[0][0].dw.splits == [32, 32, 32]
+    with pytest.raises(ValueError, match="rep 'repnext'"):
+        build_classifier("convnext_t", "repnext")
+    with pytest.raises(ValueError, match="rep 'none' is not defined|rep 'repnext'"):
+        build_classifier("repnext_t", "none")
+    with pytest.raises(ValueError, match="headless"):
+        build_classifier("repnext_t", "repnext", 0)
