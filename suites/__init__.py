@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from . import dyrep, orepa, repopt
+from . import dyrep, orepa, repnext, repopt
 from .base import METRICS, OPTIMIZERS, SCALES, Claim, DyRep, MetricSpec, PaperValue, Recipe, Row, Scales, Structure, Table
 
-PAPERS = {"orepa": orepa.TABLES, "repopt": repopt.TABLES, "dyrep": dyrep.TABLES}  # in DESIGN.md's order; the first paper owns bare table names
+PAPERS = {"orepa": orepa.TABLES, "repopt": repopt.TABLES, "dyrep": dyrep.TABLES, "repnext": repnext.TABLES}  # in DESIGN.md's order; the first paper owns bare table names
 TABLES: dict[str, Table] = {t.key: t for tables in PAPERS.values() for t in tables}
 
 

@@ -33,6 +33,18 @@ METRICS = {m.name: m for m in (
     # the largest batch that trains a step within the memory budget (RepOptimizers Table 2's "Train MaxBS")
     MetricSpec("max_batch_size", "images", "Train MaxBS", "cost", True),
     MetricSpec("throughput", "img/s", "Throughput", "cost", True),  # deployed forward, the inference probe
+    # RepNeXt's deploy forms (its Tables 2-6): the training form, rRep (the plain names), rRep with Linear pointwise
+    # layers, sRep; CPU and edge-device columns beside the GPU ones
+    MetricSpec("latency", "s", "Latency", "cost", False),
+    MetricSpec("latency_train", "s", "Latency (train form)", "cost", False),
+    MetricSpec("latency_srep", "s", "Latency (sRep)", "cost", False),
+    MetricSpec("throughput_train", "img/s", "Throughput (train form)", "cost", True),
+    MetricSpec("throughput_linear", "img/s", "Throughput (rRep, Linear pointwise)", "cost", True),
+    MetricSpec("throughput_srep", "img/s", "Throughput (sRep)", "cost", True),
+    MetricSpec("latency_cpu", "s", "CPU latency", "cost", False),
+    MetricSpec("throughput_cpu", "img/s", "CPU throughput", "cost", True),
+    MetricSpec("latency_edge", "s", "Edge latency", "cost", False),
+    MetricSpec("throughput_edge", "img/s", "Edge throughput", "cost", True),
     # the training run's own wall time x its devices (DyRep's "Cost (GPU hrs.)"), not a probe
     MetricSpec("train_hours", "h", "Cost (device hours)", "cost", False),
     MetricSpec("epoch_hours", "h", "Cost per epoch (device hours)", "cost", False),  # per epoch (step series)
@@ -42,6 +54,10 @@ METRICS = {m.name: m for m in (
     # exact counts from the architecture (MACs of one 224x224 image: the papers' "FLOPs"); the report's size family
     MetricSpec("params_deploy", "", "Params (deploy)", "size", False),
     MetricSpec("macs_deploy", "", "MACs (deploy)", "size", False),
+    MetricSpec("params_train", "", "Params (train)", "size", False),
+    MetricSpec("macs_train", "", "MACs (train)", "size", False),
+    MetricSpec("params_srep", "", "Params (sRep)", "size", False),
+    MetricSpec("macs_srep", "", "MACs (sRep)", "size", False),
     # INT8 (RepOptimizers Tables 8, 10; measured by the quantization issue's protocol)
     MetricSpec("top1_ptq", "%", "PTQ INT8 top-1", "accuracy", True),
     MetricSpec("top1_qat", "%", "QAT INT8 top-1", "accuracy", True),

@@ -187,3 +187,27 @@ def test_variants_and_bad_combinations():
         build_classifier("repnext_t", "none")
     with pytest.raises(ValueError, match="headless"):
         build_classifier("repnext_t", "repnext", 0)
+
+
+def test_tables_are_declared_with_every_printed_value(tmp_path):
+    """RepNeXt Tables 2-6 as printed, chains split by form (train / rRep / rRep-Linear / sRep); running one is a
+    one-line error until the per-form measurement lands; the rows the suite builds name its archs."""
+    import suites
+    from backbones import ARCHS
+    from test_cli import run_cli
+    t2, t4, t5, t6 = (suites.get_table(f"repnext.table{n}") for n in (2, 4, 5, 6))
+    u1 = t2.row("RepNeXt-u1-T")
+    assert (u1.arch, u1.variant, u1.paper["params_srep"].text, u1.paper["latency_train"].text) == \
+        ("repnext_t", {"unit": "u1"}, "52 M", "10.4 ms")
+    t = t4.row("RepNeXt-u3-T").paper
+    assert [t[m].text for m in ("params_train", "params_deploy", "params_srep", "macs_deploy", "throughput",
+                                "throughput_linear", "throughput_srep")] == \
+        ["29 M", "29 M", "52 M", "4.4 G", "1150 img/s", "2052 img/s", "639 img/s"]
+    assert t4.row("RepGhost-2.0x").paper["macs_deploy"].text == "0.535 G" and t4.row("DeiT-S").declared
+    assert t5.row("RepNeXt-u3-B").paper["latency"].text == "14.5 ± 2.2 ms" and "latency" not in \
+        t5.row("Ln2bn-T").paper
+    assert t6.row("RepNeXt-u3-T-rRep").paper["latency_cpu"].text == "36.7 ms"
+    built = [r for t in (t2, t4, t5, t6) for r in t.rows if not r.declared]
+    assert built and all(r.arch in ARCHS for r in built)
+    done = run_cli("repnext.table4", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1

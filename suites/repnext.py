@@ -1,0 +1,188 @@
+"""RepNeXt (Li, Yang, He, Qi; ../shared/papers/repnext.md): its tables, values exactly as printed. The models exist
+(backbones/repnext.py: RepUnit 1/2/3, rRep and sRep deploy levels, the ConvNeXt chain of Table 5); the tables are
+declared (printed values only) until the measurement of every deploy form (train / rRep / rRep with Linear pointwise
+layers / sRep) per row lands in the cost runs.
+
+Cells printed as a chain "a ->r b ->s c" are split by form: ``*_train`` (the training form), the plain metric (rRep:
+``params_deploy``, ``macs_deploy``, ``latency``, ``throughput``), ``throughput_linear`` (Table 4's bracket: rRep with
+the pointwise convs as Linear layers) and ``*_srep`` (shortcut re-parameterized). Tables 2 and 3 print "a ->r b" for
+the full re-parameterization, whose 52 M parameters are sRep's: their b is stored as sRep. Latencies are ms at batch
+1 on an A100 (fp32) unless a column says otherwise; throughputs images/s at batch 128.
+"""
+
+from __future__ import annotations
+
+from .base import PaperValue, Row, Table
+
+PAPER = "repnext"
+
+_NOT_BUILT = "quoted, not run: not among the suite's architectures (and not built by torchvision)"
+_TORCHVISION = "quoted for now: torchvision builds it; it joins the suite's zoo with this paper's runner"
+ARCHS = {  # printed model name -> (arch, rep, why a row is only quoted); "" where the suite builds it
+    "ResNet50": ("resnet50", "none", ""), "ResNet101": ("resnet101", "none", ""),
+    "ResNet152": ("resnet152", "none", _TORCHVISION),
+    "ViT-B": ("vit_b_16", "none", _TORCHVISION), "MobileNetV3-S": ("mobilenet_v3_small", "none", _TORCHVISION),
+    "MobileNetV3-L": ("mobilenet_v3_large", "none", _TORCHVISION),
+    "EffNet-B3": ("efficientnet_b3", "none", ""), "EffNet-B4": ("efficientnet_b4", "none", ""),
+    "EffNet-B5": ("efficientnet_b5", "none", ""),
+    "DeiT-S": ("deit_s", "none", _NOT_BUILT), "DeiT-B": ("deit_b", "none", _NOT_BUILT),
+    "RepVGG-B1": ("repvgg_b1", "repvgg", ""), "RepVGG-B2": ("repvgg_b2", "repvgg", ""),
+    "RepLKNet-31B": ("replknet_31b", "replk", _NOT_BUILT), "RepGhost-2.0x": ("repghostnet_2.0x", "repghost", _NOT_BUILT),
+    "MaxViT-T": ("maxvit_t", "none", _TORCHVISION), "Swin-T": ("swin_t", "none", _TORCHVISION),
+    "Swin-S": ("swin_s", "none", _TORCHVISION), "Swin-B": ("swin_b", "none", _TORCHVISION),
+    "ConvNeXt-T": ("convnext_t", "none", ""), "ConvNeXt-S": ("convnext_s", "none", ""),
+    "ConvNeXt-B": ("convnext_b", "none", ""),
+    "RepNeXt-u1-T": ("repnext_t", "repnext", ""), "RepNeXt-u2-T": ("repnext_t", "repnext", ""),
+    "RepNeXt-u3-T": ("repnext_t", "repnext", ""), "RepNeXt-u3-S": ("repnext_s", "repnext", ""),
+    "RepNeXt-u3-B": ("repnext_b", "repnext", ""),
+    "Lc2pwconv-T": ("lc2pwconv_t", "none", ""), "Ln2bn-T": ("ln2bn_t", "none", ""),
+    "Shortcut-act-T": ("shortcut_act_t", "none", ""), "Shortcut-act-S": ("shortcut_act_s", "none", ""),
+    "Shortcut-act-B": ("shortcut_act_b", "none", ""),
+    "RepNeXt-u3-T-rRep": ("repnext_t", "repnext", ""), "RepNeXt-u3-T-sRep": ("repnext_t", "repnext", ""),
+}
+
+
+def _row(source: str, name: str, **printed: str) -> Row:
+    arch, rep, why = ARCHS[name]
+    unit = name.split("-")[1] if name.startswith("RepNeXt-u") else None
+    return Row(name, arch, rep, {"unit": unit} if unit else None, "",
+               {metric: PaperValue(text, f"{source}, {name}") for metric, text in printed.items()}, declared=why)
+
+
+def _declared(name: str, title: str, source: str, metrics: tuple[str, ...], rows: tuple[Row, ...],
+              notes: tuple[str, ...] = ()) -> Table:
+    return Table(PAPER, name, f"{title} (declared; runner in a later issue)", source, metrics, rows, {},
+                 paper_regime=None, notes=notes)
+
+
+def _small(source: str, flops_unit: str, values) -> tuple[Row, ...]:
+    """Tables 2 and 3: params (M), FLOPs, latency (ms), top-1; RepNeXt rows print "train ->r re-parameterized"."""
+    rows = []
+    for name, params, flops, latency, top1 in values:
+        p, f, lat = (v.split("->") for v in (params, flops, latency))
+        printed = dict(params_train=f"{p[0]} M", macs_train=f"{f[0]} {flops_unit}", latency_train=f"{lat[0]} ms",
+                       top1=top1)
+        if len(p) > 1:
+            printed.update(params_srep=f"{p[1]} M", macs_srep=f"{f[1]} {flops_unit}", latency_srep=f"{lat[1]} ms")
+        rows.append(_row(source, name, **printed))
+    return tuple(rows)
+
+
+_SMALL_METRICS = ("top1", "params_train", "params_srep", "macs_train", "macs_srep", "latency_train", "latency_srep")
+_T2 = "RepNeXt Table 2"
+TABLE2 = _declared(
+    "table2", "ImageWoof (300 epochs, batch 512, lr 5e-4, 224x224)", _T2, _SMALL_METRICS,
+    _small(_T2, "B", (("ResNet50", "26", "4.1", "9.3", "87.7"), ("ViT-B", "85", "16.9", "12.1", "72.8"),
+                      ("ConvNeXt-T", "29", "4.5", "10.7", "88.0"),
+                      ("RepNeXt-u1-T", "29->52", "4.4->8.2", "10.4->6.4", "90.5"),
+                      ("RepNeXt-u2-T", "29->52", "4.6->8.2", "12.2->6.4", "90.7"),
+                      ("RepNeXt-u3-T", "29->52", "4.5->8.2", "11.9->6.4", "90.8"))),
+)
+_T3 = "RepNeXt Table 3"
+TABLE3 = _declared(
+    "table3", "CIFAR-100 (600 epochs, batch 512, lr 5e-4, 64x64)", _T3, _SMALL_METRICS,
+    _small(_T3, "x10M", (("ResNet50", "26", "34", "10.6", "77.2"), ("ViT-B", "85", "22", "12.3", "68.9"),
+                         ("ConvNeXt-T", "29", "37", "10.9", "78.6"),
+                         ("RepNeXt-u1-T", "29->52", "36->67", "10.8->6.3", "79.7"),
+                         ("RepNeXt-u2-T", "29->52", "37->67", "12.8->6.3", "79.4"),
+                         ("RepNeXt-u3-T", "29->52", "37->67", "12.6->6.3", "79.8"))),
+    notes=("FLOPs are printed in units of 10M (x10M) at 64x64.",),
+)
+
+_T4 = "RepNeXt Table 4"
+_FORMS = ("train", "", "srep")  # the chain's forms in print order; "" the rRep (plain metric names)
+
+
+def _t4_row(name: str, params: str, flops: str, latency: str, throughput: str, top1: str) -> Row:
+    printed = {"top1": top1}
+    for metric, cell, unit in (("params", params, "M"), ("macs", flops, "G"), ("latency", latency, "ms"),
+                               ("throughput", throughput, "img/s")):
+        values = [v.strip() for v in cell.split("->")]
+        if len(values) == 2:  # "train ->r rRep"
+            forms = ("train", "")
+        elif len(values) == 3:
+            forms = _FORMS
+        else:
+            forms = ("train",)
+        for form, value in zip(forms, values):
+            if metric == "throughput" and "(" in value:  # rRep (rRep with Linear pointwise layers)
+                value, linear = value.replace(")", "").split("(")
+                printed["throughput_linear"] = f"{linear.strip()} {unit}"
+            base = {"params": "params_deploy", "macs": "macs_deploy"}.get(metric, metric) if form == "" else \
+                f"{metric}_{form}"
+            printed[base] = f"{value.strip()} {unit}"
+    return _row(_T4, name, **printed)
+
+
+TABLE4 = _declared(
+    "table4", "ImageNet-1K (450 epochs, batch 1024, lr 1e-3, 224x224): train -> rRep -> sRep", _T4,
+    ("top1", "params_train", "params_deploy", "params_srep", "macs_train", "macs_deploy", "macs_srep",
+     "latency_train", "latency", "latency_srep", "throughput_train", "throughput", "throughput_linear",
+     "throughput_srep"),
+    tuple(_t4_row(*r) for r in (
+        ("ResNet50", "26", "4.1", "9.3", "1548", "77.2"), ("ResNet101", "45", "7.9", "19.2", "912", "78.3"),
+        ("ResNet152", "60", "11.6", "27.9", "637", "78.6"), ("MobileNetV3-S", "2.5", "0.06", "8.8", "14880", "67.5"),
+        ("MobileNetV3-L", "5.4", "0.2", "10.8", "6052", "75.2"), ("EffNet-B3", "12", "1.0", "19.7", "1836", "81.6"),
+        ("EffNet-B4", "19", "1.5", "24.6", "1312", "82.9"), ("EffNet-B5", "30", "2.4", "31.1", "911", "83.6"),
+        ("DeiT-S", "22", "4.6", "8.2", "2723", "79.8"), ("DeiT-B", "87", "17.6", "8.3", "1183", "81.8"),
+        ("RepVGG-B1", "57 -> 52", "13.2 -> 11.8", "11.8 -> 5.2", "957 -> 1140", "78.4"),
+        ("RepVGG-B2", "89 -> 80", "20.5 -> 18.4", "15.4 -> 11.0", "387 -> 482", "78.8"),
+        ("RepLKNet-31B", "80 -> 79", "15.5 -> 15.4", "31.7 -> 28.0", "222 -> 230", "83.5"),
+        ("RepGhost-2.0x", "9.8 -> 9.8", "0.562 -> 0.535", "8.4 -> 6.4", "1243 -> 1614", "77.5"),
+        ("MaxViT-T", "31", "5.6", "50.3", "674", "83.6"), ("Swin-T", "28", "4.5", "11.2", "1326", "81.3"),
+        ("ConvNeXt-T", "29", "4.5", "10.7", "1952", "82.1"),
+        ("RepNeXt-u3-T", "29 -> 29 -> 52", "4.5 -> 4.4 -> 8.2", "11.9 -> 8.5 -> 6.4", "896 -> 1150 (2052) -> 639",
+         "82.1"),
+        ("Swin-S", "50", "8.7", "22.2", "857", "83.0"), ("ConvNeXt-S", "50", "8.7", "19.2", "1251", "83.1"),
+        ("RepNeXt-u3-S", "50 -> 50 -> 92", "8.8 -> 8.7 -> 16.1", "20.5 -> 15.3 -> 11.1", "492 -> 561 (1289) -> 335",
+         "83.1"),
+        ("Swin-B", "88", "15.4", "24.1", "663", "83.5"), ("ConvNeXt-B", "89", "15.4", "21.2", "914", "83.8"),
+        ("RepNeXt-u3-B", "89 -> 89 -> 163", "15.5 -> 15.3 -> 28.5", "22.4 -> 16.0 -> 14.5",
+         "316 -> 354 (919) -> 207", "83.7"))),
+    notes=("RepVGG, RepLKNet and RepGhost print train ->r deploy; RepNeXt train ->r rRep ->s sRep, the bracket "
+           "being rRep with Linear pointwise layers.",
+           "The architecture's MACs at 224x224 (backbones/repnext.py, counted by the suite): RepNeXt-u3-T 4.47 / "
+           "4.46 / 8.20 G, S 8.71 / 8.68 / 16.14 G, B 15.39 / 15.35 / 28.53 G, ConvNeXt-T 4.46 G (torchvision's "
+           "4.46 GFLOPS). The printed 4.5 -> 4.4 (T), 8.8 -> 8.7 (S) and 15.5 -> 15.3 (B) round neither way "
+           "consistently: the paper's training-form counts include something (e.g. BN) that the MAC count does "
+           "not; rRep equals ConvNeXt's count (4.46 G), which the paper prints as 4.5 for ConvNeXt-T and 4.4 for "
+           "rRep-T. Parameters: 28.66 / 28.57 / 51.55 M (T), 50.37 / 50.18 / 92.09 M (S), 88.79 / 88.53 / "
+           "162.74 M (B): the printed values to the unit."),
+)
+
+_T5 = "RepNeXt Table 5"
+TABLE5 = _declared(
+    "table5", "Ablation: ConvNeXt to RepNeXt step by step (latency mean ± spread, A100, batch 1)", _T5,
+    ("top1", "latency_train", "latency"),
+    tuple(_row(_T5, name, top1=top1, latency_train=f"{train} ms", **({"latency": f"{rrep} ms"} if rrep else {}))
+          for name, train, rrep, top1 in (
+              ("ConvNeXt-T", "10.7 ± 2.5", "", "82.1"), ("Lc2pwconv-T", "10.2 ± 2.3", "", "81.9"),
+              ("Ln2bn-T", "8.4 ± 1.9", "", "81.8"), ("Shortcut-act-T", "8.5 ± 2.1", "6.4 ± 1.6", "81.6"),
+              ("RepNeXt-u3-T", "11.9 ± 3.0", "6.4 ± 1.6", "82.1"), ("Shortcut-act-S", "15.3 ± 2.5", "11.1 ± 2.0", "82.6"),
+              ("RepNeXt-u3-S", "20.5 ± 3.7", "11.1 ± 2.0", "83.1"), ("Shortcut-act-B", "16.0 ± 3.1", "14.5 ± 2.2", "82.9"),
+              ("RepNeXt-u3-B", "22.4 ± 3.5", "14.5 ± 2.2", "83.7"))),
+    notes=("Each step is made on top of the previous one; only the shortcut re-parameterizable networks print a "
+           "latency after re-parameterization (their fastest form: the values equal Table 4's sRep latencies).",),
+)
+
+_T6 = "RepNeXt Table 6"
+TABLE6 = _declared(
+    "table6", "CPU (Xeon Platinum 8260), GPU (A100) and edge (Jetson Orin) latency and throughput", _T6,
+    ("top1", "params_deploy", "macs_deploy", "latency_cpu", "throughput_cpu", "latency", "throughput",
+     "latency_edge", "throughput_edge"),
+    tuple(_row(_T6, name, params_deploy=params, macs_deploy=flops, latency_cpu=f"{cpu_lat} ms",
+               throughput_cpu=f"{cpu_thr} img/s", latency=f"{gpu_lat} ms", throughput=f"{gpu_thr} img/s",
+               latency_edge=f"{edge_lat} ms", throughput_edge=f"{edge_thr} img/s", top1=top1)
+          for name, params, flops, cpu_lat, cpu_thr, gpu_lat, gpu_thr, edge_lat, edge_thr, top1 in (
+              ("MobileNetV3-L", "5.4M", "0.4G", "33.9", "486", "10.8", "6052", "13.35", "964", "75.2"),
+              ("ResNet50", "26M", "4.1G", "38.1", "462", "9.3", "1548", "14.99", "348", "77.2"),
+              ("Swin-T", "28M", "4.5G", "101.3", "97", "11.2", "1326", "20.68", "199", "81.3"),
+              ("ConvNeXt-T", "29M", "4.5G", "41.7", "420", "10.7", "1952", "12.36", "247", "82.1"),
+              ("RepNeXt-u3-T", "29M", "4.5G", "48.2", "415", "11.9", "896", "17.6", "173", "82.1"),
+              ("RepNeXt-u3-T-rRep", "29M", "4.4G", "36.7", "504", "8.5", "2052", "9.7", "253", "82.1"),
+              ("RepNeXt-u3-T-sRep", "52M", "8.2G", "49.8", "183", "6.4", "639", "9.3", "168", "82.1"))),
+    notes=("The edge device (Jetson Orin) columns cannot be measured here: they stay the paper's.",
+           "MobileNetV3-L prints 0.4G here and 0.2 in Table 4."),
+)
+
+TABLES = (TABLE2, TABLE3, TABLE4, TABLE5, TABLE6)
