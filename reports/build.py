@@ -17,13 +17,14 @@ import pandas as pd
 from suites import METRICS, Claim, Table
 
 DONE = ("finished", "diverged")
-SIZE = ("params_train", "params_deploy", "macs_train", "macs_deploy", "params_avg", "macs_avg")
+SIZE = ("params_train", "params_deploy", "params_srep", "macs_train", "macs_deploy", "macs_srep", "params_avg",
+        "macs_avg")
 INFERENCE = ("latency", "throughput")
 ENVIRONMENT = ("git_commit", "git_dirty", "python", "torch", "torchvision", "mmcv", "mmengine", "numpy", "cuda",
                "cudnn", "driver", "gpu_count", "device_name", "cpu_affinity", "host", "uv_lock_sha256", "command")
 LABELS = {"params_train": "Params (train)", "params_deploy": "Params (deploy)", "macs_train": "MACs (train)",
           "macs_deploy": "MACs (deploy)", "params_avg": "Avg. params (training)", "macs_avg": "Avg. MACs (training)",
-          "latency": "Latency", "throughput": "Throughput"}
+          "latency": "Latency", "throughput": "Throughput", "params_srep": "Params (sRep)", "macs_srep": "MACs (sRep)"}
 
 
 @dataclass
@@ -180,7 +181,10 @@ class _Row:
 
 def _paper_ratio(table: Table, row, name: str) -> float | None:
     baseline = table.baseline_of(row)
-    paper, base = row.paper.get(name), table.row(baseline).paper.get(name) if baseline else None
+    root = name.rsplit("_", 1)[0] if name.endswith(("_train", "_srep", "_linear")) else name
+    printed = table.row(baseline).paper if baseline else {}
+    # a form's value against the baseline's same form, else its deployed or training one (a plain baseline prints one)
+    paper, base = row.paper.get(name), printed.get(name) or printed.get(root) or printed.get(f"{root}_train")
     if paper is None or base is None or not paper.value or not base.value:
         return None
     return paper.value / base.value

@@ -127,7 +127,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
     from .data import NUM_CLASSES
 
     rows = [table.row(name) for name in only] if only else [row for row in table.rows if not row.declared]
-    costs = {"train_memory", "time_per_batch", "train_speed", "max_batch_size"} & set(table.metrics)
+    costs = {"train_memory", "time_per_batch", "train_speed", "max_batch_size", "latency"} & set(table.metrics)
 
     def model_of(row) -> dict:
         return {"arch": row.arch, "rep": row.rep, "variant": resolve_variant(row.rep, row.variant).as_dict()}
@@ -169,6 +169,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                 **({"optimizer": row.optimizer} if row.optimizer else {}),
                 **({"dyrep": row.dyrep.as_dict()} if row.dyrep else {}),
                 **({"structure": structure} if structure else {}),
+                **({"forms": list(row.forms)} if row.forms else {}),
             }
             chash = config_hash({k: v for k, v in config.items() if k != "seed"})  # the seeds of one config share it
             spec = RunSpec(run_key(table.key, row.name, scale, seed, chash), table.key, row.name, scale, seed, chash,
@@ -500,7 +501,8 @@ def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_init
         if keep_initial and name == row:
             initial[name] = copy.deepcopy(model)
 
-    results, load = probes.compare_costs(factories, baseline, setting, deploy, wanted, on_built=keep)
+    results, load = probes.compare_costs(factories, baseline, setting, deploy, wanted, on_built=keep,
+                                         forms={row: tuple(c["forms"])} if c.get("forms") else None)
     name = probes.device_name(device)
     records = [MetricRecord(m.name, m.value, m.unit, method=m.method, device=name, dtype="float32")
                for m in load.measurements()]

@@ -643,9 +643,10 @@ def probe_inference_interleaved(models: dict[str, nn.Module], resolution: int, d
         others = f", interleaved with {len(models) - 1} other model(s)" if len(models) > 1 else ""
         for key, ts in times.items():
             median = statistics.median(ts)
-            if name == "latency":
+            if name == "latency":  # with the spread of the forwards (RepNeXt Table 5's "±": their std)
                 m = Measurement("latency", median, "s", f"median of {steps} forwards at batch {batch} after "
-                                f"{warmup} warm-up, deployed model, {threads} threads{others}")
+                                f"{warmup} warm-up, deployed model, {threads} threads{others}",
+                                extra={"latency_std": statistics.stdev(ts) if len(ts) > 1 else 0.0})
             else:
                 m = Measurement("throughput", batch / median, "img/s", f"batch {batch} / median forward time of "
                                 f"{steps} after {warmup} warm-up, deployed model, {threads} threads{others}")
@@ -677,6 +678,10 @@ class CostSetting:
 RATIOS = {"train_memory": "train_memory_ratio", "time_per_batch": "time_per_batch_ratio",
           "latency": "latency_ratio", "throughput": "throughput_ratio", "train_speed": "train_speed_ratio",
           "max_batch_size": "max_batch_size_ratio"}
+FORMS = {"train": None, "srep": {"shortcut": True}, "linear": {"pointwise_as_linear": True}}  # RepNeXt's forms
+# a form's inference (compare_costs' ``forms``) is compared with the baseline's same form, or its deployed one
+FORM_METRICS = {f"{m}_{f}": m for m in ("latency", "throughput") for f in FORMS}
+RATIOS.update({name: f"{name}_ratio" for name in FORM_METRICS})
 SINGLE = ("train_memory", "max_batch_size")  # one reading per model: a plain quotient, no interquartile interval
 RATES = ("throughput", "train_speed")  # higher is better: their ratio is the baseline's time / the row's
 
@@ -697,15 +702,21 @@ def _ratio_one(m: Measurement, baseline: str) -> Measurement:
 
 
 def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, setting: CostSetting,
-                  deploy: Callable[[nn.Module], nn.Module], probes: tuple[str, ...] = ("train_memory",
+                  deploy: Callable[..., nn.Module], probes: tuple[str, ...] = ("train_memory",
                   "time_per_batch", "params_macs", "inference"),
                   on_built: Callable[[str, nn.Module], None] | None = None,
-                  log: Callable[[str], None] | None = None) -> tuple[dict[str, list[Measurement]], "Load"]:
+                  log: Callable[[str], None] | None = None,
+                  forms: dict[str, tuple[str, ...]] | None = None) -> tuple[dict[str, list[Measurement]], "Load"]:
     """Measure every model of ``factories`` with the same probes in this process and each one's ratio to
     ``baseline`` (one of the names, or None): memory in fresh capped children one after the other, training steps
     interleaved, params/MACs of both forms (not of a baseline compared against others: its own run has them), then the
     deployed models' forwards interleaved. Each model is built once
     in this process (``on_built(name, model)`` sees it before any probe touches it), timed, then deployed in place.
+
+    ``forms``: per name, other forms of that model measured beside its deployed one (FORMS: ``train`` the training
+    form, ``srep`` / ``linear`` RepNeXt's shortcut-re-parameterized and Linear-pointwise deploys): their inference
+    interleaved with the rest, stored as ``latency_<form>`` / ``throughput_<form>``, and ``params_srep`` /
+    ``macs_srep``.
 
     Returns the measurements per name (ratios included; the baseline's ratios are 1) and the machine's load while
     timing (:class:`Load`). A model whose memory probe hit the budget is not timed (it would not fit here either).
@@ -748,33 +759,48 @@ def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, sett
                 out[name].append(train_speed(out[name][-1]))
     inference: dict[str, list[Measurement]] = {}
     if "params_macs" in probes or "inference" in probes:
+        variants = {}  # (name, form) -> that form of the model
+        for name, wanted_forms in (forms or {}).items():
+            for form in wanted_forms:
+                variants[name, form] = copy.deepcopy(models[name]) if FORMS[form] is None else \
+                    deploy(copy.deepcopy(models[name]), **FORMS[form])
+                if form == "srep" and name in counted:
+                    out[name] += params_macs(variants[name, form], "srep", s.macs_resolution)
         for name, model in models.items():
             models[name] = deploy(model)
             if name in counted:  # a baseline compared against others has its own run for these
                 out[name] += params_macs(models[name], "deploy", s.macs_resolution)
         if "inference" in probes:
-            log(f"inference of {', '.join(models)} interleaved")
-            inference = probe_inference_interleaved(models, s.resolution, s.device, s.latency_batch,
+            every = {**models, **{f"{name} ({form})": m for (name, form), m in variants.items()}}
+            log(f"inference of {', '.join(every)} interleaved")
+            inference = probe_inference_interleaved(every, s.resolution, s.device, s.latency_batch,
                                                     s.throughput_batch, s.warmup, s.steps)
             for name in models:
                 out[name] += inference[name]
+            for (name, form), _ in variants.items():
+                for m in inference[f"{name} ({form})"]:
+                    m.method = m.method.replace("deployed model", f"{form} form")
+                    m.extra = {k.replace(m.name, f"{m.name}_{form}", 1): v for k, v in m.extra.items()}
+                    m.name = f"{m.name}_{form}"
+                    out[name].append(m)
     load.stop()
     if baseline is not None:
         for name in factories:
             base = {m.name: m for m in out[baseline]}
             for m in list(out[name]):
-                if m.name not in RATIOS or m.value is None or base[m.name].value is None:
+                ref = base.get(m.name) or base.get(FORM_METRICS.get(m.name, ""))
+                if m.name not in RATIOS or m.value is None or ref is None or ref.value is None:
                     continue
                 if name == baseline:
                     out[name].append(_ratio_one(m, baseline))
                 elif m.name in SINGLE:
-                    out[name].append(Measurement(RATIOS[m.name], m.value / base[m.name].value, "x",
+                    out[name].append(Measurement(RATIOS[m.name], m.value / ref.value, "x",
                                                  f"{m.name} / that of {baseline}, both measured in fresh children "
                                                  "one after the other", batch=m.batch, resolution=m.resolution,
                                                  threads=m.threads))
                 else:
-                    out[name].append(paired_ratio(RATIOS[m.name], m, base[m.name], baseline,
-                                                  invert=m.name in RATES))
+                    out[name].append(paired_ratio(RATIOS[m.name], m, ref, baseline,
+                                                  invert=FORM_METRICS.get(m.name, m.name) in RATES))
     return out, load
 
 

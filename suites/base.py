@@ -227,8 +227,13 @@ class Row:
     dyrep: DyRep | None = None  # rep "dyrep" (or a host in DYREP_HOSTS): how its convs grow and are cut
     declared: str = ""  # why this row is shown with its printed values but not run (e.g. its model is not built)
     structure: Structure | None = None  # a fixed structure another (DyRep) run grew, replayed before training
+    # other forms of the model whose size and inference the cost run measures beside the deployed one (RepNeXt):
+    # "train" (the training form), "srep" (shortcut re-parameterized), "linear" (rRep with Linear pointwise layers)
+    forms: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if set(self.forms) - {"train", "srep", "linear"}:
+            raise ValueError(f"{self.name}: forms {self.forms}: expected among train, srep, linear")
         if not self.declared and ((self.rep == "dyrep" and self.dyrep is None) or
                                   (self.dyrep is not None and self.rep not in DYREP_HOSTS)):
             raise ValueError(f"{self.name}: rep 'dyrep' rows say how they grow (Row.dyrep), and only rows of "

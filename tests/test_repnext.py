@@ -190,8 +190,8 @@ def test_variants_and_bad_combinations():
 
 
 def test_tables_are_declared_with_every_printed_value(tmp_path):
-    """RepNeXt Tables 2-6 as printed, chains split by form (train / rRep / rRep-Linear / sRep); running one is a
-    one-line error until the per-form measurement lands; the rows the suite builds name its archs."""
+    """RepNeXt Tables 2-6 as printed, chains split by form (train / rRep / rRep-Linear / sRep); Tables 2, 3, 5 and 6
+    are declared (running one is a one-line error); the rows the suite builds name its archs."""
     import suites
     from backbones import ARCHS
     from test_cli import run_cli
@@ -209,5 +209,34 @@ def test_tables_are_declared_with_every_printed_value(tmp_path):
     assert t6.row("RepNeXt-u3-T-rRep").paper["latency_cpu"].text == "36.7 ms"
     built = [r for t in (t2, t4, t5, t6) for r in t.rows if not r.declared]
     assert built and all(r.arch in ARCHS for r in built)
-    done = run_cli("repnext.table4", "--dry-run", cwd=tmp_path)
+    done = run_cli("repnext.table2", "--dry-run", cwd=tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_table4_smoke_measures_every_form_beside_convnext(tmp_path):
+    """run_suite repnext.table4 --only ConvNeXt-T RepNeXt-u3-T at smoke: the RepNeXt run stores params / MACs of the
+    training, rRep and sRep forms (exactly the architecture's) and latency / throughput of all four forms, each with
+    its ratio to ConvNeXt-T timed interleaved in the same process; the report shows them beside the printed ones."""
+    import sqlite3
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli("repnext.table4", "--only", "ConvNeXt-T", "RepNeXt-u3-T", "--db", f"sqlite:///{db}",
+                   "--data-root", str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        values = dict(c.execute("SELECT name, value FROM metrics JOIN runs ON runs.id = run_id "
+                                "WHERE row_name = 'RepNeXt-u3-T'"))
+    with torch.device("meta"):
+        model = build_classifier("repnext_t", "repnext", 4).eval()
+        counts = [sum(p.numel() for p in m.parameters()) for m in
+                  (model, deploy(copy.deepcopy(model)), deploy(copy.deepcopy(model), shortcut=True))]
+    assert [values[n] for n in ("params_train", "params_deploy", "params_srep")] == counts
+    assert values["macs_srep"] > values["macs_train"] > values["macs_deploy"]
+    for metric in ("latency", "throughput"):
+        for form in ("", "_train", "_srep", "_linear"):
+            assert values[f"{metric}{form}"] > 0 and values[f"{metric}{form}_ratio"] > 0, metric + form
+    assert "latency_std" in values
+    assert run_cli("report", "repnext.table4", "--db", f"sqlite:///{db}", "--out", str(tmp_path / "out"),
+                   cwd=tmp_path).returncode == 0
+    text = (tmp_path / "out" / "repnext.table4.md").read_text()
+    assert "| RepNeXt-u3-T | 29 M |" in text and "Params (sRep)" in text
