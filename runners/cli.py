@@ -481,7 +481,10 @@ def _plan_view(table, args, jobs, done: dict[str, str] | None = None) -> RichTab
         view.add_row(job.spec.row_name, str(job.spec.seed), f"{job.config['arch']} / {job.config['rep']}",
                      f"{recipe.dataset} {recipe.resolution}px"
                      + (f" (test {recipe.test_resolution}px)" if recipe.test_resolution != recipe.resolution else ""),
-                     f"{job.config['global_batch']}, {job.config['lr']:g}", str(steps) if steps else "-",
+                     f"{job.config['global_batch']}, " + (f"{recipe.adaptive_lr:g} ({optimizer})"
+                                                           if (optimizer := job.config.get("optimizer")) not in
+                                                           (None, "sgd") else f"{job.config['lr']:g}"),
+                     str(steps) if steps else "-",
                      _device_hours(table, job, recipe, steps), job.spec.run_key[:12],
                      f"{done[job.spec.run_key]}: skipped" if job.spec.run_key in done else "to do")
     return view

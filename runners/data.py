@@ -13,6 +13,8 @@
 * ``caltech256``: ``<root>/caltech256/{train,val}/<class>/*`` (ImageFolder, 257 classes with the clutter class),
   read as ImageNet is. Caltech-256 has no official split: the user's ``train`` / ``val`` folders are the split (the
   RepOptimizers paper does not give its own).
+* ``imagewoof``: ``<root>/imagewoof/{train,val}/<class>/*`` (ImageFolder, the 10 dog classes of fast.ai's ImageWoof;
+  its own train / val split), read as ImageNet is (RepNeXt Table 2).
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import numpy as np
 from PIL import Image
 
 EXTERNAL = {"imagenet": "imagenet", "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python",
-            "caltech256": "caltech256"}
-IMAGEFOLDERS = ("imagenet", "caltech256")  # external ImageFolder trees with train/ and val/
-TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar10": 50_000, "cifar100": 50_000}  # for plans' device-hour estimates
+            "caltech256": "caltech256", "imagewoof": "imagewoof"}
+IMAGEFOLDERS = ("imagenet", "caltech256", "imagewoof")  # external ImageFolder trees with train/ and val/
+TRAIN_IMAGES = {"imagenet": 1_281_167, "cifar10": 50_000, "cifar100": 50_000, "imagewoof": 9_025}  # for plans' device-hour estimates
 NUM_CLASSES = {"synthetic": 4, "digits": 10, "synthetic_cifar": 4, "digits_cifar": 10, "imagenet": 1000,
-               "cifar10": 10, "cifar100": 100, "caltech256": 257}
+               "cifar10": 10, "cifar100": 100, "caltech256": 257, "imagewoof": 10}
 GENERATED_CIFAR = {"synthetic_cifar": "synthetic", "digits_cifar": "digits"}  # CIFAR-format copy -> its source
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

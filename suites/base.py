@@ -345,7 +345,7 @@ class Recipe:
                 "grad clip": f"L2 norm {self.clip_grad:g}" if self.clip_grad else "none",
                 "randaugment": f"torchvision, 2 ops, magnitude {self.randaugment}/30" if self.randaugment else "none",
                 "eval": f"resize {round(self.test_resolution / self.eval_crop)} + centre crop {self.test_resolution}"
-                        if self.dataset in ("imagenet", "caltech256") else f"resize {self.test_resolution}",
+                        if self.dataset in ("imagenet", "caltech256", "imagewoof") else f"resize {self.test_resolution}",
                 "checkpoints": "every epoch + on SIGTERM/SIGUSR2" if self.checkpoints else "none"}
 
     def as_dict(self) -> dict:

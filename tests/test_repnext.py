@@ -190,8 +190,8 @@ def test_variants_and_bad_combinations():
 
 
 def test_tables_are_declared_with_every_printed_value(tmp_path):
-    """RepNeXt Tables 2-6 as printed, chains split by form (train / rRep / rRep-Linear / sRep); Tables 2, 3, 5 and 6
-    are declared (running one is a one-line error); the rows the suite builds name its archs."""
+    """RepNeXt Tables 2-6 as printed, chains split by form (train / rRep / rRep-Linear / sRep); Tables 5 and 6 are
+    declared (running one is a one-line error); the rows the suite builds name its archs."""
     import suites
     from backbones import ARCHS
     from test_cli import run_cli
@@ -209,7 +209,7 @@ def test_tables_are_declared_with_every_printed_value(tmp_path):
     assert t6.row("RepNeXt-u3-T-rRep").paper["latency_cpu"].text == "36.7 ms"
     built = [r for t in (t2, t4, t5, t6) for r in t.rows if not r.declared]
     assert built and all(r.arch in ARCHS for r in built)
-    done = run_cli("repnext.table2", "--dry-run", cwd=tmp_path)
+    done = run_cli("repnext.table5", "--dry-run", cwd=tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
 
 
@@ -240,3 +240,27 @@ def test_table4_smoke_measures_every_form_beside_convnext(tmp_path):
                    cwd=tmp_path).returncode == 0
     text = (tmp_path / "out" / "repnext.table4.md").read_text()
     assert "| RepNeXt-u3-T | 29 M |" in text and "Params (sRep)" in text
+
+
+def test_table3_smoke_trains_on_generated_cifar100_pickles(tmp_path):
+    """run_suite repnext.table3 --only RepNeXt-u2-T at smoke: the data root gets CIFAR-100 python pickles written by
+    the suite (nothing downloaded), the run trains with AdamW at the paper's 5e-4 and stores the training-form and
+    sRep sizes and latencies counted at the paper's 64x64."""
+    import pickle
+    import sqlite3
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli("repnext.table3", "--only", "RepNeXt-u2-T", "--db", f"sqlite:///{db}", "--data-root",
+                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    train = tmp_path / "data" / "synthetic_cifar" / "train"  # CIFAR-100's python pickle, as the real one
+    keys = {k.decode() if isinstance(k, bytes) else k for k in pickle.loads(train.read_bytes(), encoding="bytes")}
+    assert {"data", "fine_labels"} <= keys
+    with sqlite3.connect(db) as c:
+        values = dict(c.execute("SELECT name, value FROM metrics"))
+    assert values["latency_srep"] > 0 and values["latency_train"] > 0
+    with torch.device("meta"):
+        model = deploy(build_classifier("repnext_t", "repnext", 4, variant="u2").eval(), shortcut=True)
+    assert values["params_srep"] == sum(p.numel() for p in model.parameters())
+    from runners.probes import _on_meta, count_macs
+    assert values["macs_srep"] == count_macs(_on_meta(model), 64)
