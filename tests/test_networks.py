@@ -12,7 +12,8 @@ from conftest import TOLERANCE, randomize, rel_err
 
 REPOPT = ("csla", "hs", "repopt")  # RepOptimizers' reps: swept on one small RepVGG (RepOpt-VGG's sizes: Table 1 test)
 ALL = [(arch, rep) for arch, spec in ARCHS.items() for rep in FAMILY_REPS[spec.family]
-       if spec.family != "torchvision" and not arch.startswith("repoptvgg") and (rep not in REPOPT or
+       # the ConvNeXt / RepNeXt family has tests of its own (test_repnext.py: its deploy levels, Table 4's counts)
+       if spec.family not in ("torchvision", "next") and not arch.startswith("repoptvgg") and (rep not in REPOPT or
                                                                                  arch == "repvgg_a0")]
 
 
