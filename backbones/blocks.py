@@ -31,8 +31,10 @@ SCALINGS = ("vector", "scalar", "none")
 # OREPA's scaling-vector initialisation (official code, blocks.py) and the paper's (supplement Sec. 2.1); they differ
 # only in the 1x1-avg branch. The identity value is ours (RepVGG-Online has no published init).
 SCALE_INIT = {
-    "code": {"origin": 0.25, "avg": 0.25, "prior": 0.0, "1x1_kxk": 0.5, "1x1": 1.0, "dw_pw": 0.5, "identity": 1.0},
-    "paper": {"origin": 0.25, "avg": 0.5, "prior": 0.0, "1x1_kxk": 0.5, "1x1": 1.0, "dw_pw": 0.5, "identity": 1.0},
+    "code": {"origin": 0.25, "avg": 0.25, "avg_only": 0.25, "prior": 0.0, "1x1_kxk": 0.5, "1x1": 1.0, "dw_pw": 0.5,
+             "identity": 1.0},
+    "paper": {"origin": 0.25, "avg": 0.5, "avg_only": 0.5, "prior": 0.0, "1x1_kxk": 0.5, "1x1": 1.0, "dw_pw": 0.5,
+              "identity": 1.0},
 }
 TORCH_CONV_INIT_A = math.sqrt(5)  # nn.Conv2d's default init, which DBB, ACNet and RepVGG keep
 
@@ -114,6 +116,7 @@ class MultiBranchConv(ReparamBlock):
             "ver": lambda: Conv(g, g.kernel_size, 1, init_a=init_a),
             "identity": lambda: Identity(g),
             "avg": lambda: OneByOneThenFilter(g, "avg", mid_norm, init_a),
+            "avg_only": lambda: OneByOneThenFilter(g, "avg", mid_norm, init_a, pointwise=False),
             "prior": lambda: OneByOneThenFilter(g, "prior", mid_norm, init_a),
             "1x1_kxk": lambda: OneByOneKxK(g, internal, mid_norm, init_a, first_init, second_init),
             "dw_pw": lambda: DepthwisePointwise(g, 8, mid_norm, init_a),
@@ -177,6 +180,8 @@ class MultiBranchConv(ReparamBlock):
 
 OREPA_BRANCHES = ("origin", "avg", "prior", "1x1_kxk", "1x1", "dw_pw")  # OREPA Fig. 5 (kxk block)
 DBB_BRANCHES = ("origin", "1x1", "avg", "1x1_kxk")                     # DBB Fig. 2
+# the depthwise DBB (groups == channels; DBB's MobileNet): no 1x1 branch, average pooling without its 1x1
+DBB_DEPTHWISE = {"1x1": None, "avg": "avg_only"}
 OREPA_VGG_DENSE_BRANCHES = ("origin", "avg", "prior", "1x1_kxk", "dw_pw")  # OREPA-VGG's online 3x3 (no plain 1x1)
 REPVGG_BRANCHES = ("origin", "1x1", "identity")
 
@@ -193,15 +198,23 @@ class DBB(MultiBranchConv):
 
     ``form="linear_offline", scaling="none"`` is OREPA Table 1's "w/o branch-wise norm": the same branches, linear,
     one post-addition BN.
+
+    A depthwise conv (groups == in == out, DBB's MobileNet) gets the official code's depthwise DBB: no 1x1 branch
+    (it would be a per-channel scale), average pooling without the 1x1 before it, and a 1x1-kxk branch through 2 x in
+    internal channels whose 1x1 is a plain (kaiming) conv, not the identity-based one (official-code notes Sec. 2.1).
     """
 
     def __init__(self, geometry: ConvGeometry, form: str = "offline_bn", scaling: str = "none",
                  post_norm: bool = False, branches: tuple[str, ...] = DBB_BRANCHES):
-        if geometry.groups >= geometry.out_channels:
-            raise ValueError("the depthwise DBB (no 1x1 branch) is not part of the OREPA tables")
-        internal = geometry.in_channels  # DBB: in if groups < out else 2 * in (depthwise excluded above)
+        g, first_init = geometry, "identity_delta"
+        internal = g.in_channels  # DBB: in if groups < out else 2 * in
+        if g.groups >= g.out_channels:
+            if not g.groups == g.in_channels == g.out_channels:
+                raise ValueError(f"a DBB with groups >= out channels must be depthwise (groups == in == out), got {g}")
+            branches = tuple(DBB_DEPTHWISE.get(b, b) for b in branches if DBB_DEPTHWISE.get(b, b))
+            internal, first_init = 2 * g.in_channels, "kaiming"
         super().__init__(geometry, branches, form=form, scaling=scaling, post_norm=post_norm,
-                         internal=internal, init_a=TORCH_CONV_INIT_A)
+                         internal=internal, init_a=TORCH_CONV_INIT_A, first_init=first_init)
 
 
 class ACB(MultiBranchConv):

@@ -143,13 +143,25 @@ class Identity(Branch):
 
 class OneByOneThenFilter(Branch):
     """1x1 conv, then a fixed per-channel kxk filter: OREPA's 1x1-avg (the filter is 1/k^2, i.e. average pooling)
-    and 1x1-frequency-prior branch (the filter is OREPA supplement Table 1's cosine basis)."""
+    and 1x1-frequency-prior branch (the filter is OREPA supplement Table 1's cosine basis).
 
-    def __init__(self, geometry: ConvGeometry, kind: str, mid_norm: bool = False, init_a: float = 0.0):
+    ``pointwise=False`` drops the 1x1 (a fixed identity, no BN after it): the depthwise DBB's avg branch, which is
+    average pooling alone (official-code notes Sec. 2.1); it needs a depthwise geometry (groups == in == out).
+    """
+
+    def __init__(self, geometry: ConvGeometry, kind: str, mid_norm: bool = False, init_a: float = 0.0,
+                 pointwise: bool = True):
         super().__init__(geometry)
         g = geometry
         self.kind = kind
-        self.conv1x1 = nn.Parameter(kaiming_(torch.empty(g.out_channels, g.in_channels // g.groups, 1, 1), init_a))
+        self.pointwise = pointwise
+        if pointwise:
+            self.conv1x1 = nn.Parameter(kaiming_(torch.empty(g.out_channels, g.in_channels // g.groups, 1, 1), init_a))
+        elif g.groups == g.in_channels == g.out_channels:
+            self.register_buffer("conv1x1", torch.ones(g.out_channels, 1, 1, 1), persistent=False)
+            mid_norm = False
+        else:
+            raise ValueError(f"a {kind} filter without its 1x1 needs a depthwise conv (groups == in == out), got {g}")
         if kind == "prior":
             self.register_buffer("prior", frequency_prior(g.out_channels, g.kernel_size), persistent=False)
         elif kind != "avg":
@@ -158,7 +170,7 @@ class OneByOneThenFilter(Branch):
 
     def forward(self, x):
         g = self.geometry
-        y = F.conv2d(x, self.conv1x1, None, 1, 0, 1, g.groups)
+        y = F.conv2d(x, self.conv1x1, None, 1, 0, 1, g.groups) if self.pointwise else x
         if self.mid_bn is not None:
             y = self.mid_bn(y)
         y = pad_with_values(y, g.padding, None if self.mid_bn is None else bn_zero_response(self.mid_bn))

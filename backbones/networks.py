@@ -197,7 +197,8 @@ class MobileNetV1(nn.Module):
     """MobileNetV1 (Howard et al. 2017) at width 1.0, as DyRep's ImageNet host (DyRep Table 3, the official code's
     ``mobilenet_v1``): a 3x3/2 conv to 32 channels, 13 depthwise-separable blocks (3x3 depthwise conv + BN + ReLU,
     then 1x1 conv + BN + ReLU), GAP and the classifier. Every conv+BN from ``make_conv``: DyRep grows the stem and
-    the depthwise 3x3s (its kxk sites); the 1x1s stay plain."""
+    the depthwise 3x3s (its kxk sites), ``rep="dbb"`` makes them DBBs (the depthwise DBB for the depthwise ones, as
+    DBB's own MobileNet); the 1x1s stay plain."""
 
     BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1), (512, 1),
               (512, 1), (1024, 2), (1024, 1))  # (output channels, depthwise stride)
@@ -272,7 +273,7 @@ ARCHS: dict[str, Arch] = {
        for name, builder in TORCHVISION.items()},
 }
 FAMILY_REPS = {"resnet": RESNET_REPS, "repvgg": REPVGG_REPS, "vgg": VGG_REPS, "torchvision": ("none",),
-               "mobilenet": ("none", "dyrep"), "next": NEXT_REPS}  # the depthwise DBB (DyRep Table 3's MobileNet DBB row) is not built
+               "mobilenet": ("none", "dbb", "dyrep"), "next": NEXT_REPS}
 
 
 def check_combination(arch: str, rep: str) -> Arch:

@@ -76,6 +76,21 @@ def test_dilated_blocks(name, dtype):
     check_deploy(block, torch.randn(2, 8, 12, 12), dtype)
 
 
+@pytest.mark.parametrize("form", ["offline_bn", "linear_offline"])
+@pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 2)])
+def test_depthwise_dbb(form, stride, dilation, dtype):
+    """DBB's MobileNet block (groups == in == out): no 1x1 branch, average pooling without a 1x1 before it, a
+    1x1-kxk branch through 2C channels; exact deploy to one depthwise conv."""
+    torch.manual_seed(4)
+    block = DBB(ConvGeometry(6, 6, 3, stride, dilation=dilation, groups=6), form, post_norm=form != "offline_bn")
+    assert list(block.branches) == ["origin", "avg_only", "1x1_kxk"]
+    assert block.branches["1x1_kxk"].first.shape == (12, 1, 1, 1)
+    assert not list(block.branches["avg_only"].parameters())
+    check_deploy(block, torch.randn(2, 6, 13, 13), dtype)
+    with pytest.raises(ValueError, match="depthwise"):
+        DBB(ConvGeometry(8, 4, 3, groups=4))
+
+
 def test_grouped_orepa_uses_double_internal_channels(dtype):
     torch.manual_seed(3)
     block = OREPA(ConvGeometry(32, 32, 3, 1, groups=8))

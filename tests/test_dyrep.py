@@ -323,6 +323,27 @@ def test_mobilenet_v1_counts_and_its_depthwise_sites(dtype):
         p.numel() for p in deploy(build_classifier("mobilenet_v1", "none", 10)).parameters())
 
 
+def test_mobilenet_v1_dbb(dtype):
+    """Table 3's MobileNet/DBB row: the stem a DBB, the 13 depthwise convs depthwise DBBs (per conv of C channels:
+    a 2C-channel 1x1-kxk branch and BNs: 28C parameters more), the 1x1s plain; it deploys to the plain network."""
+    from backbones.blocks import DBB
+    model = build_classifier("mobilenet_v1", "dbb")
+    blocks = [m for m in model.modules() if isinstance(m, DBB)]
+    depthwise = [b for b in blocks if b.geometry.groups > 1]
+    assert len(blocks) == 14 and len(depthwise) == 13
+    stem = sum(p.numel() for p in blocks[0].parameters()) - 3 * 32 * 9 - 2 * 32
+    assert sum(p.numel() for p in model.parameters()) == 4_231_976 + stem + 28 * sum(
+        b.geometry.in_channels for b in depthwise)
+    torch.manual_seed(0)
+    small = randomize(build_classifier("mobilenet_v1", "dbb", 10)).to(dtype).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    reference = _out(small, x)
+    deploy(small)
+    assert rel_err(_out(small, x), reference) <= TOLERANCE[dtype]
+    assert sum(p.numel() for p in small.parameters()) == sum(
+        p.numel() for p in deploy(build_classifier("mobilenet_v1", "none", 10)).parameters())
+
+
 def test_dep_rules_cut_by_the_paper_and_by_the_official_code():
     """Eq. 9 on the last BN's gammas. Paper: the new branches' mean |gamma| spread (population std) above 0.02,
     cut those below their mean. Code: the same relative to the kxk branch, and a cut only below 0.1 too."""
