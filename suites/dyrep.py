@@ -189,7 +189,7 @@ TABLE3 = Table(
            "MobileNet/DBB is DBB's own MobileNet: the stem a DBB, every depthwise 3x3 the depthwise DBB (no 1x1 "
            "branch, average pooling without its 1x1, a 1x1-kxk branch through 2C channels), the 1x1s plain. At 1000 "
            "classes it has 4,372,183 parameters counting BN's (4.31 M without them: the paper's 4.3 M reads as a count "
-           "without BN) and 0.626 G MACs at 224 counting every branch's convs and the average pooling (the paper "
+           "without BN) and 0.627 G MACs at 224 counting every branch's convs and the average pooling (the paper "
            "prints 0.61 G; its counter is not published)."),
 )
 
