@@ -459,7 +459,7 @@ def _plan_view(table, args, jobs, done: dict[str, str] | None = None) -> RichTab
     done = done or {}
     from runners.data import TRAIN_IMAGES
     recipe = table.recipes[args.scale].following(args.follow)
-    from runners.jobs import batch_plan
+    from runners.jobs import batch_plan, lr_text
     c = batch_plan(recipe, args.devices)
     switches = "; ".join(f"{k}: {v}" for k, v in recipe.switches().items())
     view = RichTable(title=f"plan: {table.key} at {args.scale} ({len(jobs) - len(done)} of {len(jobs)} runs to do, "
@@ -481,9 +481,7 @@ def _plan_view(table, args, jobs, done: dict[str, str] | None = None) -> RichTab
         view.add_row(job.spec.row_name, str(job.spec.seed), f"{job.config['arch']} / {job.config['rep']}",
                      f"{recipe.dataset} {recipe.resolution}px"
                      + (f" (test {recipe.test_resolution}px)" if recipe.test_resolution != recipe.resolution else ""),
-                     f"{job.config['global_batch']}, " + (f"{recipe.adaptive_lr:g} ({optimizer})"
-                                                           if (optimizer := job.config.get("optimizer")) not in
-                                                           (None, "sgd") else f"{job.config['lr']:g}"),
+                     f"{job.config['global_batch']}, {lr_text(job.config, recipe)}",
                      str(steps) if steps else "-",
                      _device_hours(table, job, recipe, steps), job.spec.run_key[:12],
                      f"{done[job.spec.run_key]}: skipped" if job.spec.run_key in done else "to do")

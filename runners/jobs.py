@@ -40,6 +40,13 @@ def code_fingerprint() -> dict:
     return {"probe_version": PROBE_VERSION, "source": digest.hexdigest()[:16]}
 
 
+def lr_text(config: dict, recipe) -> str:
+    """The lr a run trains with, as shown to a person: the recipe's adaptive lr and the optimizer's name for an
+    adaptive optimizer (a row's ``optimizer="adamw"``), else the (scaled) SGD lr."""
+    optimizer = config.get("optimizer")
+    return f"{recipe.adaptive_lr:g} ({optimizer})" if optimizer not in (None, "sgd") else f"{config['lr']:g}"
+
+
 @dataclass
 class Job:
     """One run: a table row at one scale and seed. ``config`` is what the run key hashes (no machine-local paths;
@@ -573,7 +580,7 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist, fixe
     context = dict(device=probes.device_name(device), dtype="float32", threads=torch.get_num_threads(),
                    batch=c["global_batch"], resolution=recipe.resolution)
     how = (f"{c['world_size']} process(es) x {c['grad_accum']} micro-batch(es) x {c['per_device_batch']} = global "
-           f"batch {c['global_batch']}, lr {c['lr']:g}")
+           f"batch {c['global_batch']}, lr {lr_text(c, recipe)}")
     logged_steps: set[int] = set()
     log_file = run_dir / "run.log"
     echo = not sys.stdout.isatty()
