@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from suites import METRICS, Claim, Table
+from suites import METRICS, Claim, Ordering, Table
 
 DONE = ("finished", "diverged")
 SIZE = ("params_train", "params_deploy", "params_srep", "macs_train", "macs_deploy", "macs_srep", "params_avg",
@@ -166,6 +166,9 @@ class _Row:
             return self.error and "failed" or "–"
         unit = unit if unit is not None else (values.unit.iloc[0] if len(values) else METRICS[name].unit)
         shown = fmt(mean) + (f" ± {_fmt(std, 2)}" if std is not None else "")
+        spread = self.values(f"{name}_std")  # a latency's spread over its timed forwards (one run: no seeds' std)
+        if std is None and len(spread):
+            shown += f" ± {fmt(float(spread.value.mean()))}"
         return f"{shown} {unit}".strip() + (f" (n={len(values)})" if len(values) > 1 else "")
 
     def ratio(self, name: str) -> tuple:
@@ -337,6 +340,41 @@ def judge_claim(claim: Claim, table: Table, rows: dict[str, _Row], at_paper_regi
     return {"text": claim.text, "source": claim.source, "expected": claim.expected(), "results": results}
 
 
+FORM_LABELS = {"train": "train", "srep": "sRep", "linear": "rRep-Linear"}
+
+
+def judge_ordering(ordering: Ordering, table: Table, rows: dict[str, _Row]) -> dict:
+    """An order of printed values (suites.base.Ordering), in the claims' shape: one result per neighbouring pair of
+    the paper's order whose two cells were measured, with whether the measured means kept it on their device."""
+    def label(row_name: str, metric: str) -> str:
+        form = metric[len(ordering.metric) + 1:]
+        if table.row(row_name).rep == "none" and form in ("", "train"):  # a plain model's one form
+            return row_name
+        if form:
+            return f"{row_name} ({FORM_LABELS.get(form, form)})"
+        forms = table.row(row_name).forms
+        return f"{row_name} ({'rRep' if 'srep' in forms else 'deployed'})" if forms else row_name
+
+    printed = sorted(((table.row(r).paper[m], r, m) for r, m in ordering.cells if table.row(r).paper[m].value),
+                     key=lambda cell: cell[0].value)
+    results, devices = [], set()
+    for (paper_a, row_a, m_a), (paper_b, row_b, m_b) in zip(printed, printed[1:]):
+        mine, other = rows[row_a].mean(m_a), rows[row_b].mean(m_b)
+        if mine is None or other is None:
+            continue
+        for r in (row_a, row_b):
+            devices.update(rows[r].metrics.device.dropna())
+        equal = paper_a.value == paper_b.value
+        results.append({"pair": f"{label(row_a, m_a)} {'=' if equal else '<'} {label(row_b, m_b)}",
+                        "paper": f"{paper_a.text} {'=' if equal else '<'} {paper_b.text}",
+                        "measured": f"{rows[row_a].measured(m_a)} vs {rows[row_b].measured(m_b)}",
+                        "verdict": "– (printed equal)" if equal else "held" if mine < other else "did not hold"})
+    order = " < ".join(f"{label(r, m)} {p.text}" for p, r, m in printed)
+    where = f"; measured on {', '.join(sorted(devices))}" if devices else ""
+    return {"text": f"order: {ordering.text}{where}", "source": ordering.source,
+            "expected": f"the paper's order: {order}", "results": results}
+
+
 def lineage(store, table_key: str) -> dict[int, str]:
     """Run id -> where its inputs came from: a RepOpt row's scales file, named by the Hyper-Search run that wrote it
     (matched by sha256 over every table's recorded files), else by its path (run_suite --scales)."""
@@ -398,7 +436,8 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
                                               if getattr(recipe, k) != v)
                   for row in table.rows if any(getattr(recipe, k) != v for k, v in row.recipe.get(scale, {}).items())]
     return Section(scale, recipe.as_dict(), regime, devices, families,
-                   [judge_claim(c, table, rows, at_paper_regime) for c in table.claims],
+                   [judge_claim(c, table, rows, at_paper_regime) for c in table.claims]
+                   + [judge_ordering(o, table, rows) for o in table.orderings],
                    [r.where() for r in rows.values()], plot, table.chain, points, superseded, busy, departures)
 
 

@@ -23,7 +23,8 @@ def md_cell(value) -> str:
 
 
 def _verdict_class(value) -> str:
-    return {"yes": "yes", "no": "no"}.get(str(value), "na" if str(value).startswith("n/a") else "")
+    return {"yes": "yes", "no": "no", "held": "yes", "did not hold": "no"}.get(
+        str(value), "na" if str(value).startswith("n/a") else "")
 
 
 def _environment(autoescape: bool) -> Environment:

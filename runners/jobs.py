@@ -134,7 +134,10 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
     from .data import NUM_CLASSES
 
     rows = [table.row(name) for name in only] if only else [row for row in table.rows if not row.declared]
-    costs = {"train_memory", "time_per_batch", "train_speed", "max_batch_size", "latency"} & set(table.metrics)
+    # a form's metric (latency_srep: RepNeXt) asks for its probe too
+    asked = set(table.metrics) | {m.rsplit("_", 1)[0] for m in table.metrics if m.endswith(("_train", "_srep",
+                                                                                             "_linear"))}
+    costs = {"train_memory", "time_per_batch", "train_speed", "max_batch_size", "latency"} & asked
 
     def model_of(row) -> dict:
         return {"arch": row.arch, "rep": row.rep, "variant": resolve_variant(row.rep, row.variant).as_dict()}

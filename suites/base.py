@@ -130,6 +130,20 @@ class Claim:
         return f"{span} (±{100 * self.tolerance:.0f}% accepted)"
 
 
+@dataclass(frozen=True)
+class Ordering:
+    """An order the paper's printed values put some cells in (e.g. RepNeXt's sRep < rRep < ConvNeXt < training form
+    in A100 latency), checked on the measured means of the same cells. ``cells``: (row, metric) pairs, a form's metric
+    (``latency_srep``) naming that form of the row. The paper's order is read from its printed values, not written
+    here; the report says, for each neighbouring pair of it, whether the measured values kept it on the device that
+    measured them (at any scale: an order on this machine is a fact about this machine, not a reproduction)."""
+
+    text: str
+    source: str
+    metric: str  # the metric family whose MetricSpec gives the unit shown (e.g. latency)
+    cells: tuple[tuple[str, str], ...]
+
+
 SCALE_SOURCES = ("searched", "channel_mean", "ones", "hs_init")
 
 
@@ -388,6 +402,7 @@ class Table:
     accuracy_tolerance: float = 0.3                            # points of top-1 (DESIGN.md, Scales)
     runner: str = "classification"                            # classification | dense (dense: declared only)
     claims: tuple[Claim, ...] = ()
+    orderings: tuple[Ordering, ...] = ()
     chain: bool = False                                        # rows add components one by one (Figure 8)
     resources: dict[str, Resources] = field(default_factory=lambda: dict(RESOURCES))
     notes: tuple[str, ...] = ()  # what a reader must know about the printed values (the report prints them)
@@ -401,6 +416,12 @@ class Table:
             if set(row.recipe) - set(self.recipes):
                 raise ValueError(f"{self.paper}.{self.name} / {row.name}: recipe departures for scales the table "
                                  f"does not run: {sorted(set(row.recipe) - set(self.recipes))}")
+        names = {row.name: row for row in self.rows}
+        for ordering in self.orderings:
+            for row, metric in ordering.cells:
+                if row not in names or metric not in names[row].paper or metric not in self.metrics:
+                    raise ValueError(f"{self.paper}.{self.name}: ordering {ordering.text!r} names {row} / {metric}, "
+                                     "which is not a printed value of the table")
 
     @property
     def key(self) -> str:

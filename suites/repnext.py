@@ -1,7 +1,7 @@
 """RepNeXt (Li, Yang, He, Qi; ../shared/papers/repnext.md): its tables, values exactly as printed. The models are
 backbones/repnext.py's (RepUnit 1/2/3, rRep and sRep deploy levels, the ConvNeXt chain of Table 5); every run's cost
 probes measure each form of its model (Row.forms: train / rRep / rRep with Linear pointwise layers / sRep), in one
-process, interleaved with its group's ConvNeXt. Tables 2, 3 and 4 run; 5 and 6 are declared (printed values only).
+process, interleaved with its group's ConvNeXt. Tables 2-5 run; 6 is declared (printed values only).
 
 Cells printed as a chain "a ->r b ->s c" are split by form: ``*_train`` (the training form), the plain metric (rRep:
 ``params_deploy``, ``macs_deploy``, ``latency``, ``throughput``), ``throughput_linear`` (Table 4's bracket: rRep with
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import PaperValue, Recipe, Row, Table
+from .base import Ordering, PaperValue, Recipe, Row, Table
 
 PAPER = "repnext"
 
@@ -159,6 +159,17 @@ def _t4_row(name: str, params: str, flops: str, latency: str, throughput: str, t
     return _row(_T4, name, size, **printed)
 
 
+def _form_orderings(source: str, size: str, baseline: str) -> tuple[Ordering, ...]:
+    """RepNeXt-u3-<size>'s forms and <baseline> in latency and in throughput, in the order the printed values put
+    them (Table 4: A100). A plain model's one printed value is stored as its training form's (``_t4_row``)."""
+    row = f"RepNeXt-u3-{size}"
+    return (Ordering(f"batch-1 latency of RepNeXt-u3-{size}'s forms and {baseline}", source, "latency",
+                     ((row, "latency_train"), (row, "latency"), (row, "latency_srep"), (baseline, "latency_train"))),
+            Ordering(f"batch-128 throughput of RepNeXt-u3-{size}'s forms and {baseline}", source, "throughput",
+                     ((row, "throughput_train"), (row, "throughput"), (row, "throughput_linear"),
+                      (row, "throughput_srep"), (baseline, "throughput_train"))))
+
+
 TABLE4 = Table(
     PAPER, "table4", "ImageNet-1K (450 epochs, batch 1024, lr 1e-3, 224x224): train -> rRep -> sRep", _T4,
     ("top1", "params_train", "params_deploy", "params_srep", "macs_train", "macs_deploy", "macs_srep",
@@ -185,6 +196,7 @@ TABLE4 = Table(
         ("RepNeXt-u3-B", "89 -> 89 -> 163", "15.5 -> 15.3 -> 28.5", "22.4 -> 16.0 -> 14.5",
          "316 -> 354 (919) -> 207", "83.7"))),
     IMAGENET, baselines={size: f"ConvNeXt-{size}" for size in "TSB"}, paper_regime=None,
+    orderings=sum((_form_orderings(_T4, size, f"ConvNeXt-{size}") for size in "TSB"), ()),
     notes=("RepVGG, RepLKNet and RepGhost print train ->r deploy; RepNeXt train ->r rRep ->s sRep, the bracket "
            "being rRep with Linear pointwise layers.",
            "The architecture's MACs at 224x224 (backbones/repnext.py, counted by the suite): RepNeXt-u3-T 4.47 / "
@@ -197,18 +209,33 @@ TABLE4 = Table(
 )
 
 _T5 = "RepNeXt Table 5"
-TABLE5 = _declared(
-    "table5", "Ablation: ConvNeXt to RepNeXt step by step (latency mean ± spread, A100, batch 1)", _T5,
-    ("top1", "latency_train", "latency"),
-    tuple(_row(_T5, name, top1=top1, latency_train=f"{train} ms", **({"latency": f"{rrep} ms"} if rrep else {}))
-          for name, train, rrep, top1 in (
+# Runs as Table 4 does (same recipes; every form of a row timed interleaved with its group's first row). Its second
+# latency ("after re-parameterization") exists only for the shortcut re-parameterizable networks and equals Table 4's
+# sRep latencies: it is stored as ``latency_srep``; the first is the training form's. The "±" is the spread of the
+# timed forwards (the latency probe's std, stored as ``<metric>_std``).
+TABLE5 = Table(
+    PAPER, "table5", "Ablation: ConvNeXt to RepNeXt step by step (latency mean ± spread, A100, batch 1)", _T5,
+    ("top1", "latency_train", "latency_srep"),
+    tuple(replace(_row(_T5, name, name[-1], top1=top1, latency_train=f"{train} ms",
+                       **({"latency_srep": f"{srep} ms"} if srep else {})), forms=("train", "srep") if srep else
+                  ("train",))
+          for name, train, srep, top1 in (
               ("ConvNeXt-T", "10.7 ± 2.5", "", "82.1"), ("Lc2pwconv-T", "10.2 ± 2.3", "", "81.9"),
               ("Ln2bn-T", "8.4 ± 1.9", "", "81.8"), ("Shortcut-act-T", "8.5 ± 2.1", "6.4 ± 1.6", "81.6"),
               ("RepNeXt-u3-T", "11.9 ± 3.0", "6.4 ± 1.6", "82.1"), ("Shortcut-act-S", "15.3 ± 2.5", "11.1 ± 2.0", "82.6"),
               ("RepNeXt-u3-S", "20.5 ± 3.7", "11.1 ± 2.0", "83.1"), ("Shortcut-act-B", "16.0 ± 3.1", "14.5 ± 2.2", "82.9"),
               ("RepNeXt-u3-B", "22.4 ± 3.5", "14.5 ± 2.2", "83.7"))),
+    IMAGENET, baselines={"T": "ConvNeXt-T", "S": "Shortcut-act-S", "B": "Shortcut-act-B"}, paper_regime=None,
+    orderings=(Ordering("batch-1 latency through the ablation chain (T)", _T5, "latency",
+                        (("ConvNeXt-T", "latency_train"), ("Lc2pwconv-T", "latency_train"),
+                         ("Ln2bn-T", "latency_train"), ("Shortcut-act-T", "latency_train"),
+                         ("Shortcut-act-T", "latency_srep"), ("RepNeXt-u3-T", "latency_train"))),),
     notes=("Each step is made on top of the previous one; only the shortcut re-parameterizable networks print a "
-           "latency after re-parameterization (their fastest form: the values equal Table 4's sRep latencies).",),
+           "latency after re-parameterization (their fastest form: the values equal Table 4's sRep latencies), "
+           "stored as the sRep latency. The S and B rows have no ConvNeXt in this table: their ratios are to "
+           "Shortcut-act-S / -B.",
+           "The paper's ± is the spread of its latency measurements; the suite stores the std of its timed forwards "
+           "beside each latency (latency_train_std, latency_srep_std)."),
 )
 
 _T6 = "RepNeXt Table 6"
