@@ -3,6 +3,7 @@ the ConvNeXt chain of its Table 5, exact for every unit and size, float32 and fl
 parameter and BN statistic randomised; counts against Table 4 and torchvision's ConvNeXt."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from backbones import algebra, build_classifier, deploy
 from backbones.repnext import NeXtBlock, RepUnit, thirds
 from conftest import TOLERANCE, randomize, rel_err
+from suites import Ordering
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -190,8 +192,8 @@ def test_variants_and_bad_combinations():
 
 
 def test_tables_are_declared_with_every_printed_value(tmp_path):
-    """RepNeXt Tables 2-6 as printed, chains split by form (train / rRep / rRep-Linear / sRep); Tables 5 and 6 are
-    declared (running one is a one-line error); the rows the suite builds name its archs."""
+    """RepNeXt Tables 2-6 as printed, chains split by form (train / rRep / rRep-Linear / sRep); Table 6 is declared
+    (running it is a one-line error); the rows the suite builds name its archs; an ordering names printed cells."""
     import suites
     from backbones import ARCHS
     from test_cli import run_cli
@@ -204,12 +206,15 @@ def test_tables_are_declared_with_every_printed_value(tmp_path):
                                 "throughput_linear", "throughput_srep")] == \
         ["29 M", "29 M", "52 M", "4.4 G", "1150 img/s", "2052 img/s", "639 img/s"]
     assert t4.row("RepGhost-2.0x").paper["macs_deploy"].text == "0.535 G" and t4.row("DeiT-S").declared
-    assert t5.row("RepNeXt-u3-B").paper["latency"].text == "14.5 ± 2.2 ms" and "latency" not in \
+    assert t5.row("RepNeXt-u3-B").paper["latency_srep"].text == "14.5 ± 2.2 ms" and "latency_srep" not in \
         t5.row("Ln2bn-T").paper
+    assert t5.baseline_of(t5.row("RepNeXt-u3-S")) == "Shortcut-act-S"
+    with pytest.raises(ValueError, match="not a printed value"):
+        replace(t5, orderings=(Ordering("x", "y", "latency", (("Ln2bn-T", "latency_srep"),)),))
     assert t6.row("RepNeXt-u3-T-rRep").paper["latency_cpu"].text == "36.7 ms"
     built = [r for t in (t2, t4, t5, t6) for r in t.rows if not r.declared]
     assert built and all(r.arch in ARCHS for r in built)
-    done = run_cli("repnext.table5", "--dry-run", cwd=tmp_path)
+    done = run_cli("repnext.table6", "--dry-run", cwd=tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
 
 
@@ -240,6 +245,31 @@ def test_table4_smoke_measures_every_form_beside_convnext(tmp_path):
                    cwd=tmp_path).returncode == 0
     text = (tmp_path / "out" / "repnext.table4.md").read_text()
     assert "| RepNeXt-u3-T | 29 M |" in text and "Params (sRep)" in text
+    # the paper's order sRep 6.4 < rRep 8.5 < ConvNeXt 10.7 < train 11.9 ms, judged on the measured means
+    pair = "RepNeXt-u3-T (sRep) &lt; RepNeXt-u3-T (rRep) | 6.4 ms &lt; 8.5 ms |"
+    line = next(line for line in text.splitlines() if pair in line)
+    assert line.endswith("| held |" if values["latency_srep"] < values["latency"] else "| did not hold |"), line
+    held = values["throughput_srep"] < values["throughput_train"]  # printed 639 < 896 img/s
+    assert ("RepNeXt-u3-T (sRep) &lt; RepNeXt-u3-T (train) | 639 img/s &lt; 896 img/s |" in text) and \
+        f"896 img/s | {values['throughput_srep']:.3g} img/s vs {values['throughput_train']:.3g} img/s" in text
+    assert sum("order: batch-1 latency of RepNeXt-u3-T" in line and ("| held |" in line or "| did not hold |" in
+                                                                    line) for line in text.splitlines()) == 3
+    assert held == any("639 img/s &lt; 896 img/s" in line and line.endswith("| held |") for line in text.splitlines())
+
+
+def test_table5_smoke_times_the_srep_form_with_its_spread(tmp_path):
+    """run_suite repnext.table5 --only Shortcut-act-T: its training and sRep forms timed beside ConvNeXt-T (its
+    group's first row, re-measured in the same process), each latency with the std of its timed forwards."""
+    import sqlite3
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli("repnext.table5", "--only", "Shortcut-act-T", "--db", f"sqlite:///{db}", "--data-root",
+                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        values = dict(c.execute("SELECT name, value FROM metrics"))
+    for name in ("latency_train", "latency_srep"):
+        assert values[name] > 0 and values[f"{name}_ratio"] > 0 and values[f"{name}_std"] >= 0
 
 
 def test_table3_smoke_trains_on_generated_cifar100_pickles(tmp_path):
