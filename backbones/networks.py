@@ -14,7 +14,7 @@ from torch import nn
 
 from .repnext import NeXt
 from .variants import NEXT_REPS, REPVGG_REPS, RESNET_REPS, VGG_REPS, RepConfig, make_conv, resolve_variant
-from .zoo import TORCHVISION, build_torchvision
+from .zoo import SOURCES, TORCHVISION, build_torchvision
 
 
 class BasicBlock(nn.Module):
@@ -236,6 +236,7 @@ ARCHS: dict[str, Arch] = {
     "resnet34": Arch("resnet", dict(block=BasicBlock, layers=(3, 4, 6, 3)), "He et al. 2016; OREPA Table 4"),
     "resnet50": Arch("resnet", dict(block=Bottleneck, layers=(3, 4, 6, 3)), "He et al. 2016; OREPA Table 4"),
     "resnet101": Arch("resnet", dict(block=Bottleneck, layers=(3, 4, 23, 3)), "He et al. 2016; OREPA Table 4"),
+    "resnet152": Arch("resnet", dict(block=Bottleneck, layers=(3, 8, 36, 3)), "He et al. 2016; RepNeXt Table 4"),
     "resnext50_32x4d": Arch("resnet", dict(block=Bottleneck, layers=(3, 4, 6, 3), groups=32, base_width=4),
                             "Xie et al. 2017; OREPA supp. Table 2"),
     "wrn18_1.5x": Arch("resnet", dict(block=BasicBlock, layers=(2, 2, 2, 2), width=1.5), "OREPA supp. Table 2"),
@@ -269,8 +270,7 @@ ARCHS: dict[str, Arch] = {
                             ("lc2pwconv", "RepNeXt Table 5"), ("ln2bn", "RepNeXt Table 5"),
                             ("shortcut_act", "RepNeXt Table 5"), ("repnext", "RepNeXt Sec. 3.3"))},
     # plain torchvision networks that tables compare against (backbones/zoo.py); rep "none" only
-    **{name: Arch("torchvision", {}, f"torchvision {builder}; RepOptimizers Table 3")
-       for name, builder in TORCHVISION.items()},
+    **{name: Arch("torchvision", {}, f"torchvision {builder}; {SOURCES[name]}") for name, builder in TORCHVISION.items()},
 }
 FAMILY_REPS = {"resnet": RESNET_REPS, "repvgg": REPVGG_REPS, "vgg": VGG_REPS, "torchvision": ("none",),
                "mobilenet": ("none", "dbb", "dyrep"), "next": NEXT_REPS}

@@ -1,5 +1,5 @@
 """Plain networks from torchvision, for the rows that compare re-parameterized models against them (RepOptimizers
-Table 3: VGG-16 and EfficientNet-B2 ... B5). ``build_classifier("efficientnet_b2")`` builds torchvision's model with
+Table 3: VGG-16 and EfficientNet-B2 ... B5; RepNeXt Table 4: MobileNetV3, EfficientNet, Swin). ``build_classifier("efficientnet_b2")`` builds torchvision's model with
 the table's head and turns every conv followed by a BN into a :class:`~backbones.blocks.ConvBN` block, so that
 ``deploy`` folds those BNs exactly as it does in this suite's own plain ("none") networks: the deployed model is the
 network a paper times at inference. Everything else (SE blocks, SiLU, dropout and stochastic depth at torchvision's
@@ -20,7 +20,16 @@ TORCHVISION = {  # arch -> torchvision builder
     "vgg16": "vgg16_bn",
     "efficientnet_b2": "efficientnet_b2", "efficientnet_b3": "efficientnet_b3",
     "efficientnet_b4": "efficientnet_b4", "efficientnet_b5": "efficientnet_b5",
+    # RepNeXt Tables 4 and 6 (ViT-B and MaxViT-T are not here: torchvision fixes their input size when it builds
+    # them, and the suite builds a model before it knows the resolution; smoke and mini train at 32x32)
+    "mobilenet_v3_small": "mobilenet_v3_small", "mobilenet_v3_large": "mobilenet_v3_large",
+    "swin_t": "swin_t", "swin_s": "swin_s", "swin_b": "swin_b",
 }
+SOURCES = {"vgg16": "RepOptimizers Table 3", "efficientnet_b2": "RepOptimizers Table 3",
+           "efficientnet_b3": "RepOptimizers Table 3; RepNeXt Table 4", "efficientnet_b4": "RepOptimizers Table 3; "
+           "RepNeXt Table 4", "efficientnet_b5": "RepOptimizers Table 3; RepNeXt Table 4",
+           **dict.fromkeys(("mobilenet_v3_small", "mobilenet_v3_large", "swin_t", "swin_s", "swin_b"),
+                           "RepNeXt Tables 4 and 6")}
 
 
 def build_torchvision(arch: str, num_classes: int) -> nn.Module:

@@ -14,7 +14,8 @@ REPOPT = ("csla", "hs", "repopt")  # RepOptimizers' reps: swept on one small Rep
 ALL = [(arch, rep) for arch, spec in ARCHS.items() for rep in FAMILY_REPS[spec.family]
        # the ConvNeXt / RepNeXt family has tests of its own (test_repnext.py: its deploy levels, Table 4's counts)
        if spec.family not in ("torchvision", "next") and not arch.startswith("repoptvgg") and (rep not in REPOPT or
-                                                                                 arch == "repvgg_a0")]
+                                                                                 arch == "repvgg_a0")
+       and (arch != "resnet152" or rep == "none")]  # RepNeXt Table 4's plain ResNet-152: the 101's blocks, deeper
 
 
 def conv(cin, cout, k, groups=1):
@@ -77,6 +78,7 @@ EXPECTED = {
     "vgg16_cifar": vgg_params(), "mobilenet_v1": mobilenet_v1_params(),
     "resnet18": resnet_params((2, 2, 2, 2), False), "resnet34": resnet_params((3, 4, 6, 3), False),
     "resnet50": resnet_params((3, 4, 6, 3), True), "resnet101": resnet_params((3, 4, 23, 3), True),
+    "resnet152": resnet_params((3, 8, 36, 3), True),
     "resnext50_32x4d": resnet_params((3, 4, 6, 3), True, groups=32, base_width=4),
     "wrn18_1.5x": resnet_params((2, 2, 2, 2), False, 1.5), "wrn18_2x": resnet_params((2, 2, 2, 2), False, 2.0),
     "repvgg_a0": repvgg_params((2, 4, 14, 1), (0.75, 0.75, 0.75, 2.5)),
@@ -307,8 +309,17 @@ def test_orepa_variant_applies_to_every_block_it_concerns(arch, preset):
 
 
 # torchvision's documented parameter counts (the weights' meta "num_params"): VGG-16 with BN, VGG-16 without, and
-# EfficientNet-B2 (ImageNet heads).
-TORCHVISION_PARAMS = {"vgg16_bn": 138_365_992, "vgg16": 138_357_544, "efficientnet_b2": 9_109_994}
+# EfficientNet-B2 (ImageNet heads); RepNeXt Table 4's MobileNetV3 and Swin rows.
+TORCHVISION_PARAMS = {"vgg16_bn": 138_365_992, "vgg16": 138_357_544, "efficientnet_b2": 9_109_994,
+                      "mobilenet_v3_small": 2_542_856, "mobilenet_v3_large": 5_483_032, "swin_t": 28_288_354,
+                      "swin_s": 49_606_258, "swin_b": 87_768_224}
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mobilenet_v3_large", "swin_t", "swin_s", "swin_b"])
+def test_repnext_tables_torchvision_rows_have_torchvisions_counts(arch):
+    """Counted on the meta device: the documented count of torchvision's ImageNet model."""
+    with torch.device("meta"):
+        assert n_params(build_classifier(arch, "none")) == TORCHVISION_PARAMS[arch]
 
 
 def test_torchvision_networks_deploy_with_every_bn_folded():
@@ -333,7 +344,7 @@ def test_torchvision_networks_deploy_with_every_bn_folded():
         build_classifier("vgg16", "repvgg")
 
 
-@pytest.mark.parametrize("arch", ["vgg16", "efficientnet_b3"])
+@pytest.mark.parametrize("arch", ["vgg16", "efficientnet_b3", "mobilenet_v3_small", "swin_t"])
 def test_torchvision_network_train_equals_deploy(arch, dtype):
     torch.manual_seed(0)
     check_network(build_classifier(arch, "none", num_classes=10), dtype, size=64)
