@@ -136,7 +136,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
     rows = [table.row(name) for name in only] if only else [row for row in table.rows if not row.declared]
     # a form's metric (latency_srep: RepNeXt) asks for its probe too
     asked = set(table.metrics) | {m.rsplit("_", 1)[0] for m in table.metrics if m.endswith(("_train", "_srep",
-                                                                                             "_linear"))}
+                                                                                             "_linear", "_cpu"))}
     costs = {"train_memory", "time_per_batch", "train_speed", "max_batch_size", "latency"} & asked
 
     def model_of(row) -> dict:
@@ -180,6 +180,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                 **({"dyrep": row.dyrep.as_dict()} if row.dyrep else {}),
                 **({"structure": structure} if structure else {}),
                 **({"forms": list(row.forms)} if row.forms else {}),
+                **({"deployed": row.deployed} if row.deployed != "deploy" else {}),
             }
             chash = config_hash({k: v for k, v in config.items() if k != "seed"})  # the seeds of one config share it
             spec = RunSpec(run_key(table.key, row.name, scale, seed, chash), table.key, row.name, scale, seed, chash,
@@ -512,7 +513,12 @@ def _measure_costs(store: Store, claim, job: Job, recipe, device: str, keep_init
             initial[name] = copy.deepcopy(model)
 
     results, load = probes.compare_costs(factories, baseline, setting, deploy, wanted, on_built=keep,
-                                         forms={row: tuple(c["forms"])} if c.get("forms") else None)
+                                         forms={row: tuple(c["forms"])} if c.get("forms") else None,
+                                         deployed={row: c["deployed"]} if c.get("deployed") else None)
+    if device == "cpu" and any(m.endswith("_cpu") for m in c["metrics"]):  # a table with CPU columns (RepNeXt T6)
+        for m in results[row]:
+            m.name = probes.on_cpu(m.name)
+            m.extra = {probes.on_cpu(k): v for k, v in m.extra.items()}
     name = probes.device_name(device)
     records = [MetricRecord(m.name, m.value, m.unit, method=m.method, device=name, dtype="float32")
                for m in load.measurements()]

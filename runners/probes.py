@@ -686,6 +686,12 @@ SINGLE = ("train_memory", "max_batch_size")  # one reading per model: a plain qu
 RATES = ("throughput", "train_speed")  # higher is better: their ratio is the baseline's time / the row's
 
 
+def on_cpu(name: str) -> str:
+    """A latency / throughput metric's name in a table's CPU columns (RepNeXt Table 6): ``latency_ratio`` ->
+    ``latency_cpu_ratio``; other names unchanged."""
+    return re.sub(r"^(latency|throughput)(?!_cpu)", r"\1_cpu", name)
+
+
 def train_speed(timed: Measurement) -> Measurement:
     """Images per second of training (RepOptimizers Table 2's "train speed"): the timed steps' batch / their median
     time, from the same interleaved steps as ``time_per_batch`` (``samples`` stay per-step times, for ratios)."""
@@ -706,7 +712,8 @@ def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, sett
                   "time_per_batch", "params_macs", "inference"),
                   on_built: Callable[[str, nn.Module], None] | None = None,
                   log: Callable[[str], None] | None = None,
-                  forms: dict[str, tuple[str, ...]] | None = None) -> tuple[dict[str, list[Measurement]], "Load"]:
+                  forms: dict[str, tuple[str, ...]] | None = None, deployed: dict[str, str] | None = None
+                  ) -> tuple[dict[str, list[Measurement]], "Load"]:
     """Measure every model of ``factories`` with the same probes in this process and each one's ratio to
     ``baseline`` (one of the names, or None): memory in fresh capped children one after the other, training steps
     interleaved, params/MACs of both forms (not of a baseline compared against others: its own run has them), then the
@@ -716,7 +723,8 @@ def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, sett
     ``forms``: per name, other forms of that model measured beside its deployed one (FORMS: ``train`` the training
     form, ``srep`` / ``linear`` RepNeXt's shortcut-re-parameterized and Linear-pointwise deploys): their inference
     interleaved with the rest, stored as ``latency_<form>`` / ``throughput_<form>``, and ``params_srep`` /
-    ``macs_srep``.
+    ``macs_srep``. ``deployed``: per name, the form its deployed metrics measure instead of ``deploy(model)`` (a
+    FORMS key; RepNeXt Table 6's rows are the train, rRep and sRep forms of one model).
 
     Returns the measurements per name (ratios included; the baseline's ratios are 1) and the machine's load while
     timing (:class:`Load`). A model whose memory probe hit the budget is not timed (it would not fit here either).
@@ -767,7 +775,9 @@ def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, sett
                 if form == "srep" and name in counted:
                     out[name] += params_macs(variants[name, form], "srep", s.macs_resolution)
         for name, model in models.items():
-            models[name] = deploy(model)
+            form = (deployed or {}).get(name, "deploy")
+            models[name] = deploy(model) if form == "deploy" else model if FORMS[form] is None else \
+                deploy(model, **FORMS[form])
             if name in counted:  # a baseline compared against others has its own run for these
                 out[name] += params_macs(models[name], "deploy", s.macs_resolution)
         if "inference" in probes:

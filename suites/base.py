@@ -244,10 +244,15 @@ class Row:
     # other forms of the model whose size and inference the cost run measures beside the deployed one (RepNeXt):
     # "train" (the training form), "srep" (shortcut re-parameterized), "linear" (rRep with Linear pointwise layers)
     forms: tuple[str, ...] = ()
+    # the form the row's deployed metrics (params_deploy, macs_deploy, latency, throughput) measure: "deploy" (the
+    # regular deploy), or one of the forms above (RepNeXt Table 6 prints the train, rRep and sRep forms as rows)
+    deployed: str = "deploy"
 
     def __post_init__(self):
         if set(self.forms) - {"train", "srep", "linear"}:
             raise ValueError(f"{self.name}: forms {self.forms}: expected among train, srep, linear")
+        if self.deployed not in ("deploy", "train", "srep", "linear"):
+            raise ValueError(f"{self.name}: deployed {self.deployed!r}: expected deploy, train, srep or linear")
         if not self.declared and ((self.rep == "dyrep" and self.dyrep is None) or
                                   (self.dyrep is not None and self.rep not in DYREP_HOSTS)):
             raise ValueError(f"{self.name}: rep 'dyrep' rows say how they grow (Row.dyrep), and only rows of "

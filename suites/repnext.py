@@ -1,7 +1,7 @@
 """RepNeXt (Li, Yang, He, Qi; ../shared/papers/repnext.md): its tables, values exactly as printed. The models are
 backbones/repnext.py's (RepUnit 1/2/3, rRep and sRep deploy levels, the ConvNeXt chain of Table 5); every run's cost
 probes measure each form of its model (Row.forms: train / rRep / rRep with Linear pointwise layers / sRep), in one
-process, interleaved with its group's ConvNeXt. Tables 2-5 run; 6 is declared (printed values only).
+process, interleaved with its group's ConvNeXt. Tables 2-6 run (Table 6 cost-only, on the device's columns).
 
 Cells printed as a chain "a ->r b ->s c" are split by form: ``*_train`` (the training form), the plain metric (rRep:
 ``params_deploy``, ``macs_deploy``, ``latency``, ``throughput``), ``throughput_linear`` (Table 4's bracket: rRep with
@@ -240,23 +240,43 @@ TABLE5 = Table(
 )
 
 _T6 = "RepNeXt Table 6"
-TABLE6 = _declared(
-    "table6", "CPU (Xeon Platinum 8260), GPU (A100) and edge (Jetson Orin) latency and throughput", _T6,
+# Runs cost-only (no training: the accuracies are Table 4's): every row's model timed interleaved with ConvNeXt-T in
+# one process. On a CPU the probes fill the CPU columns (latency_cpu / throughput_cpu, this machine's CPU, not the
+# paper's Xeon Platinum 8260), on a GPU the GPU columns; the Jetson Orin columns stay the paper's. The three RepNeXt
+# rows are one model in three forms (Row.deployed: train, rRep, sRep).
+_T6_FORMS = {"RepNeXt-u3-T": "train", "RepNeXt-u3-T-sRep": "srep"}
+_T6_ROWS = (
+    ("MobileNetV3-L", "5.4M", "0.4G", "33.9", "486", "10.8", "6052", "13.35", "964", "75.2"),
+    ("ResNet50", "26M", "4.1G", "38.1", "462", "9.3", "1548", "14.99", "348", "77.2"),
+    ("Swin-T", "28M", "4.5G", "101.3", "97", "11.2", "1326", "20.68", "199", "81.3"),
+    ("ConvNeXt-T", "29M", "4.5G", "41.7", "420", "10.7", "1952", "12.36", "247", "82.1"),
+    ("RepNeXt-u3-T", "29M", "4.5G", "48.2", "415", "11.9", "896", "17.6", "173", "82.1"),
+    ("RepNeXt-u3-T-rRep", "29M", "4.4G", "36.7", "504", "8.5", "2052", "9.7", "253", "82.1"),
+    ("RepNeXt-u3-T-sRep", "52M", "8.2G", "49.8", "183", "6.4", "639", "9.3", "168", "82.1"))
+_T6_ORDERED = tuple(r[0] for r in _T6_ROWS)
+TABLE6 = Table(
+    PAPER, "table6", "CPU (Xeon Platinum 8260), GPU (A100) and edge (Jetson Orin) latency and throughput", _T6,
     ("top1", "params_deploy", "macs_deploy", "latency_cpu", "throughput_cpu", "latency", "throughput",
      "latency_edge", "throughput_edge"),
-    tuple(_row(_T6, name, params_deploy=params, macs_deploy=flops, latency_cpu=f"{cpu_lat} ms",
-               throughput_cpu=f"{cpu_thr} img/s", latency=f"{gpu_lat} ms", throughput=f"{gpu_thr} img/s",
-               latency_edge=f"{edge_lat} ms", throughput_edge=f"{edge_thr} img/s", top1=top1)
-          for name, params, flops, cpu_lat, cpu_thr, gpu_lat, gpu_thr, edge_lat, edge_thr, top1 in (
-              ("MobileNetV3-L", "5.4M", "0.4G", "33.9", "486", "10.8", "6052", "13.35", "964", "75.2"),
-              ("ResNet50", "26M", "4.1G", "38.1", "462", "9.3", "1548", "14.99", "348", "77.2"),
-              ("Swin-T", "28M", "4.5G", "101.3", "97", "11.2", "1326", "20.68", "199", "81.3"),
-              ("ConvNeXt-T", "29M", "4.5G", "41.7", "420", "10.7", "1952", "12.36", "247", "82.1"),
-              ("RepNeXt-u3-T", "29M", "4.5G", "48.2", "415", "11.9", "896", "17.6", "173", "82.1"),
-              ("RepNeXt-u3-T-rRep", "29M", "4.4G", "36.7", "504", "8.5", "2052", "9.7", "253", "82.1"),
-              ("RepNeXt-u3-T-sRep", "52M", "8.2G", "49.8", "183", "6.4", "639", "9.3", "168", "82.1"))),
-    notes=("The edge device (Jetson Orin) columns cannot be measured here: they stay the paper's.",
-           "MobileNetV3-L prints 0.4G here and 0.2 in Table 4."),
+    tuple(replace(_row(_T6, name, "T", params_deploy=params, macs_deploy=flops, latency_cpu=f"{cpu_lat} ms",
+                       throughput_cpu=f"{cpu_thr} img/s", latency=f"{gpu_lat} ms", throughput=f"{gpu_thr} img/s",
+                       latency_edge=f"{edge_lat} ms", throughput_edge=f"{edge_thr} img/s", top1=top1),
+                  forms=(), deployed=_T6_FORMS.get(name, "deploy"))
+          for name, params, flops, cpu_lat, cpu_thr, gpu_lat, gpu_thr, edge_lat, edge_thr, top1 in _T6_ROWS),
+    {scale: replace(r, train_accuracy=False, checkpoints=False) for scale, r in IMAGENET.items()},
+    baselines={"T": "ConvNeXt-T"}, paper_regime=None, num_classes=1000,
+    orderings=tuple(Ordering(f"{what} of every row ({where})", _T6, metric,
+                             tuple((name, metric) for name in _T6_ORDERED))
+                    for what, where, metric in (("batch-1 latency", "CPU", "latency_cpu"),
+                                                ("throughput", "CPU", "throughput_cpu"),
+                                                ("batch-1 latency", "A100", "latency"),
+                                                ("throughput", "A100", "throughput"))),
+    notes=("Cost-only: nothing is trained (the accuracies are Table 4's). On a CPU the suite fills the CPU columns "
+           "with this machine's CPU (not the paper's Xeon Platinum 8260, with its thread count stated in the record); "
+           "on a GPU the GPU columns. The edge device (Jetson Orin) columns cannot be measured here: they stay the "
+           "paper's.",
+           "The three RepNeXt rows are one model in its training, rRep and sRep forms.",
+           "MobileNetV3-L prints 0.4G here and 0.2 in Table 4 (torchvision counts 0.22 GFLOPS)."),
 )
 
 TABLES = (TABLE2, TABLE3, TABLE4, TABLE5, TABLE6)

@@ -192,8 +192,9 @@ def test_variants_and_bad_combinations():
 
 
 def test_tables_are_declared_with_every_printed_value(tmp_path):
-    """RepNeXt Tables 2-6 as printed, chains split by form (train / rRep / rRep-Linear / sRep); Table 6 is declared
-    (running it is a one-line error); the rows the suite builds name its archs; an ordering names printed cells."""
+    """RepNeXt Tables 2-6 as printed, chains split by form (train / rRep / rRep-Linear / sRep); rows the suite does
+    not build are declared (running one is a one-line error); the rows it builds name its archs; an ordering names
+    printed cells."""
     import suites
     from backbones import ARCHS
     from test_cli import run_cli
@@ -214,7 +215,8 @@ def test_tables_are_declared_with_every_printed_value(tmp_path):
     assert t6.row("RepNeXt-u3-T-rRep").paper["latency_cpu"].text == "36.7 ms"
     built = [r for t in (t2, t4, t5, t6) for r in t.rows if not r.declared]
     assert built and all(r.arch in ARCHS for r in built)
-    done = run_cli("repnext.table6", "--dry-run", cwd=tmp_path)
+    assert [r.deployed for r in t6.rows if r.name.startswith("RepNeXt")] == ["train", "deploy", "srep"]
+    done = run_cli("repnext.table4", "--only", "MaxViT-T", "--dry-run", cwd=tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
 
 
@@ -294,3 +296,24 @@ def test_table3_smoke_trains_on_generated_cifar100_pickles(tmp_path):
     assert values["params_srep"] == sum(p.numel() for p in model.parameters())
     from runners.probes import _on_meta, count_macs
     assert values["macs_srep"] == count_macs(_on_meta(model), 64)
+
+
+def test_table6_smoke_fills_the_cpu_columns_with_the_rows_form(tmp_path):
+    """run_suite repnext.table6 --only RepNeXt-u3-T-sRep on this CPU: nothing trained; the row's deployed metrics
+    are its sRep form's (params exactly the sRep network's), stored in the CPU columns with ratios to ConvNeXt-T
+    timed beside it; the A100 columns stay empty."""
+    import sqlite3
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli("repnext.table6", "--only", "RepNeXt-u3-T-sRep", "--db", f"sqlite:///{db}", "--data-root",
+                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        values = dict(c.execute("SELECT name, value FROM metrics"))
+    with torch.device("meta"):
+        srep = deploy(build_classifier("repnext_t", "repnext", 1000).eval(), shortcut=True)
+    assert values["params_deploy"] == sum(p.numel() for p in srep.parameters())
+    for name in ("latency_cpu", "throughput_cpu"):
+        assert values[name] > 0 and values[f"{name}_ratio"] > 0
+    assert values["latency_cpu_std"] >= 0 and "top1" not in values
+    assert not {"latency", "throughput", "latency_ratio"} & set(values)
