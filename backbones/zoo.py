@@ -21,7 +21,7 @@ TORCHVISION = {  # arch -> torchvision builder
     "efficientnet_b2": "efficientnet_b2", "efficientnet_b3": "efficientnet_b3",
     "efficientnet_b4": "efficientnet_b4", "efficientnet_b5": "efficientnet_b5",
     # RepNeXt Tables 4 and 6 (ViT-B and MaxViT-T are not here: torchvision fixes their input size when it builds
-    # them, and the suite builds a model before it knows the resolution; smoke and mini train at 32x32)
+    # them, and a run trains and times one model at two resolutions, e.g. 32 and 224 at mini)
     "mobilenet_v3_small": "mobilenet_v3_small", "mobilenet_v3_large": "mobilenet_v3_large",
     "swin_t": "swin_t", "swin_s": "swin_s", "swin_b": "swin_b",
 }

@@ -38,8 +38,8 @@ IMAGENET = {
 }
 
 _NOT_BUILT = "quoted, not run: not among the suite's architectures (and not built by torchvision)"
-_FIXED_SIZE = ("quoted, not run: torchvision fixes its input size when it builds it, and the suite builds a model "
-               "before it knows the resolution (smoke and mini train at 32x32)")
+_FIXED_SIZE = ("quoted, not run: torchvision fixes its input size (position embeddings / attention windows) when it "
+               "builds it, and a run trains and times one model at two resolutions (mini: 32 and 224)")
 ARCHS = {  # printed model name -> (arch, rep, why a row is only quoted); "" where the suite builds it
     "ResNet50": ("resnet50", "none", ""), "ResNet101": ("resnet101", "none", ""),
     "ResNet152": ("resnet152", "none", ""),
