@@ -27,15 +27,54 @@ from .repopt import RepOptimizerAdamW, RepOptimizerSGD, checked_mults, grad_mult
 MODELS = Registry("model", parent=MMENGINE_MODELS, scope="repbench", locations=["backbones"])
 
 
-class _RepBackbone(BaseModule):
-    """Shared behaviour: out_indices, frozen stages, norm_eval, strict pretrained loading, switch_to_deploy."""
+FREEZE = ("paper", "fair")
+STEM_LR_MULT = 0.1  # OREPA supplement: the linear deep stem trains at lr x0.1 downstream
 
-    def _setup(self, net: nn.Module, out_indices, frozen_stages: int, norm_eval: bool, pretrained: str | None):
+
+def frozen_indices(frozen_stages, freeze: str, deep_stem: bool) -> tuple[int, ...]:
+    """Which of (stem, layer1, ..., layer4) = (0, 1, ..., 4) a backbone freezes.
+
+    ``frozen_stages``: an int as mmdet's (-1 none, k >= 0 the stem and the first k stages: the stock configs' setting),
+    or the indices themselves (e.g. ``(1,)``: layer1 frozen, the stem trainable). ``freeze`` reads an int against the
+    papers (issue 14; a recorded switch per row):
+    - ``paper``: the stock freezing, except that OREPA's linear deep stem stays trainable (OREPA supplement: the deep
+      stem is not frozen and trains at lr x0.1, the ``backbone.net.stem`` lr_mult of the example configs); None and
+      DBB keep the stock freezing (DBB's detection code is mmdet's).
+    - ``fair``: every backbone the same: the stock freezing with the stem trainable (at the same lr x0.1), whatever
+      the stem is, so that None, DBB and OREPA differ only in their blocks.
+    Indices given explicitly are taken as they are.
+    """
+    if freeze not in FREEZE:
+        raise ValueError(f"unknown freeze {freeze!r}; expected one of {FREEZE}")
+    if not isinstance(frozen_stages, int):
+        indices = tuple(sorted(set(int(i) for i in frozen_stages)))
+        if not set(indices) <= {0, 1, 2, 3, 4}:
+            raise ValueError(f"frozen_stages indices must be within 0 (stem) .. 4 (layer4), got {frozen_stages}")
+        return indices
+    if not -1 <= frozen_stages <= 4:
+        raise ValueError(f"frozen_stages must be -1 .. 4 or a tuple of stage indices, got {frozen_stages}")
+    indices = tuple(range(frozen_stages + 1))
+    if freeze == "fair" or deep_stem:
+        indices = tuple(i for i in indices if i != 0)
+    return indices
+
+
+class _RepBackbone(BaseModule):
+    """Shared behaviour: out_indices, frozen stages (``frozen_indices``), norm_eval, strict pretrained loading,
+    switch_to_deploy."""
+
+    def _setup(self, net: nn.Module, out_indices, frozen_stages, norm_eval: bool, pretrained: str | None,
+               freeze: str = "paper"):
         self.net = net
         self.out_indices = tuple(out_indices)
         if not set(self.out_indices) <= {0, 1, 2, 3}:
             raise ValueError(f"out_indices must be within 0..3, got {out_indices}")
-        self.frozen_stages, self.norm_eval, self.pretrained = frozen_stages, norm_eval, pretrained
+        deep_stem = bool(getattr(getattr(net, "config", None), "deep_stem", False))
+        self.frozen = frozen_indices(frozen_stages, freeze, deep_stem)
+        # the stem's lr multiplier under the reading (frozen_indices): OREPA's deep stem x0.1 (paper and fair), every
+        # stem x0.1 under fair; applied by StemLrConstructor (the optim_wrapper's constructor)
+        self.stem_lr_mult = STEM_LR_MULT if freeze == "fair" or deep_stem else 1.0
+        self.freeze, self.norm_eval, self.pretrained = freeze, norm_eval, pretrained
         self.out_channels = [net.out_channels[i] for i in self.out_indices]
         if pretrained is not None:
             if not isinstance(pretrained, (str, os.PathLike)) or not os.path.isfile(pretrained):
@@ -53,7 +92,7 @@ class _RepBackbone(BaseModule):
 
     def _freeze_stages(self):
         stages = [self.net.stem, *self.net.stages()]
-        for stage in stages[: self.frozen_stages + 1] if self.frozen_stages >= 0 else []:
+        for stage in (stages[i] for i in self.frozen):
             stage.eval()
             for p in stage.parameters():
                 p.requires_grad = False
@@ -83,16 +122,17 @@ class _RepBackbone(BaseModule):
 @MODELS.register_module()
 class ResNet(_RepBackbone):
     """A repbench ResNet (``depth`` 18/34/50/101, or ``arch`` e.g. ``resnext50_32x4d``) with any ``rep``.
-    ``strides``/``dilations`` per stage give the dilated D8 form (e.g. (1, 2, 1, 1) / (1, 1, 2, 4))."""
+    ``strides``/``dilations`` per stage give the dilated D8 form (e.g. (1, 2, 1, 1) / (1, 1, 2, 4));
+    ``frozen_stages`` and ``freeze``: see :func:`frozen_indices`."""
 
     def __init__(self, depth: int = 50, rep: str = "none", variant=None, arch: str | None = None,
-                 out_indices=(0, 1, 2, 3), strides=(1, 2, 2, 2), dilations=(1, 1, 1, 1), frozen_stages: int = -1,
-                 norm_eval: bool = False, pretrained: str | None = None, init_cfg=None):
+                 out_indices=(0, 1, 2, 3), strides=(1, 2, 2, 2), dilations=(1, 1, 1, 1), frozen_stages=-1,
+                 norm_eval: bool = False, pretrained: str | None = None, freeze: str = "paper", init_cfg=None):
         super().__init__(init_cfg)
         arch = arch or f"resnet{depth}"
         net = build_classifier(arch, rep, num_classes=0, variant=variant, strides=tuple(strides),
                                dilations=tuple(dilations))
-        self._setup(net, out_indices, frozen_stages, norm_eval, pretrained)
+        self._setup(net, out_indices, frozen_stages, norm_eval, pretrained, freeze)
 
 
 @MODELS.register_module()
@@ -100,10 +140,11 @@ class RepVGG(_RepBackbone):
     """A repbench RepVGG (``arch`` e.g. ``repvgg_a0``) with ``rep`` none / repvgg / orepa_vgg."""
 
     def __init__(self, arch: str = "repvgg_a0", rep: str = "repvgg", variant=None, out_indices=(0, 1, 2, 3),
-                 frozen_stages: int = -1, norm_eval: bool = False, pretrained: str | None = None, init_cfg=None):
+                 frozen_stages=-1, norm_eval: bool = False, pretrained: str | None = None, freeze: str = "paper",
+                 init_cfg=None):
         super().__init__(init_cfg)
         self._setup(build_classifier(arch, rep, num_classes=0, variant=variant), out_indices, frozen_stages,
-                    norm_eval, pretrained)
+                    norm_eval, pretrained, freeze)
 
 
 
@@ -121,7 +162,22 @@ OPTIMIZERS.register_module(module=RepOptimizerAdamW)
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
-class RepOptimizerConstructor(DefaultOptimWrapperConstructor):
+class StemLrConstructor(DefaultOptimWrapperConstructor):
+    """MMEngine's default constructor, with the repbench backbone's stem at its ``stem_lr_mult`` (the freezing
+    reading in force, :func:`frozen_indices`): ``optim_wrapper = dict(constructor="repbench.StemLrConstructor",
+    ...)``. A config's own ``custom_keys`` for the stem win."""
+
+    def __call__(self, model: nn.Module):
+        backbone = getattr(getattr(model, "module", model), "backbone", None)
+        mult = getattr(backbone, "stem_lr_mult", 1.0)
+        if mult != 1.0:
+            keys = self.paramwise_cfg.setdefault("custom_keys", {})
+            keys.setdefault("backbone.net.stem", {"lr_mult": mult})
+        return super().__call__(model)
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class RepOptimizerConstructor(StemLrConstructor):
     """MMEngine's default constructor (param groups, paramwise rules), then the Grad Mults of the model's RepOpt
     blocks at the optimizer's power."""
 

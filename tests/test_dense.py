@@ -166,3 +166,52 @@ def test_pretrained_url_is_refused():
     from backbones.mm import ResNet
     with pytest.raises(CheckpointError, match="not a local file"):
         ResNet(depth=18, pretrained="torchvision://resnet18")
+
+
+def _stem_and_stage_state(scope, name, rep, freeze):
+    """(requires_grad of the stem, of layer1, of layer2) and the lr of the stem's and layer2's parameters in the
+    optimizer the config's optim_wrapper builds (mmengine's builder, the config's constructor)."""
+    from mmengine.optim import build_optim_wrapper
+    cfg = Config.fromfile(str(CONFIGS / scope / name.format(rep="dbb" if rep == "none" else rep)))
+    cfg.model.backbone.update(rep=rep, freeze=freeze)
+    init_default_scope(scope)
+    if scope == "mmdet":
+        from mmdet.registry import MODELS
+    else:
+        from mmseg.registry import MODELS
+    model = MODELS.build(cfg.model)
+    net = model.backbone.net
+    grads = tuple(all(p.requires_grad for p in m.parameters()) for m in (net.stem, net.layer1, net.layer2))
+    lr = {id(p): group["lr"] for group in build_optim_wrapper(model, cfg.optim_wrapper).optimizer.param_groups
+          for p in group["params"]}
+    return grads, lr[id(next(net.stem.parameters()))], lr[id(next(net.layer2.parameters()))]
+
+
+@pytest.mark.parametrize("scope, name", [("mmdet", DET[0]), ("mmseg", SEG[0])])
+def test_freezing_switches_paper_and_fair(scope, name):
+    """Issue 14's freezing reading, on each task's example config: ``paper`` keeps the stock freezing (mmdet: stem
+    and layer1 frozen; mmseg: nothing) for None and DBB and leaves OREPA's linear deep stem trainable at lr x0.1;
+    ``fair`` freezes the same stages for every rep, every stem trainable at lr x0.1."""
+    stock_layer1 = scope == "mmseg"  # mmdet's stock configs freeze layer1, mmseg's do not
+    for freeze in ("paper", "fair"):
+        seen = {rep: _stem_and_stage_state(scope, name, rep, freeze) for rep in ("none", "dbb", "orepa")}
+        for rep, ((stem, layer1, layer2), stem_lr, layer2_lr) in seen.items():
+            trainable_stem = freeze == "fair" or rep == "orepa" or scope == "mmseg"
+            assert (stem, layer1, layer2) == (trainable_stem, stock_layer1, True), (freeze, rep)
+            reduced = freeze == "fair" or rep == "orepa"
+            assert stem_lr == pytest.approx(layer2_lr * (0.1 if reduced else 1.0)), (freeze, rep)
+        if freeze == "fair":
+            assert len({state for state, _, _ in seen.values()}) == 1
+    with pytest.raises(ValueError, match="unknown freeze"):
+        _stem_and_stage_state(scope, name, "dbb", "loose")
+
+
+def test_frozen_stages_as_indices():
+    """``frozen_stages`` as mmdet's int (the stem and the first k stages) or as the indices themselves."""
+    from backbones.mm import frozen_indices
+    assert frozen_indices(1, "paper", False) == (0, 1) and frozen_indices(1, "paper", True) == (1,)
+    assert frozen_indices(2, "fair", False) == (1, 2) and frozen_indices(-1, "fair", True) == ()
+    assert frozen_indices((1, 0), "fair", True) == (0, 1)  # given explicitly: taken as it is
+    for bad in (5, (0, 7)):
+        with pytest.raises(ValueError, match="frozen_stages"):
+            frozen_indices(bad, "paper", False)

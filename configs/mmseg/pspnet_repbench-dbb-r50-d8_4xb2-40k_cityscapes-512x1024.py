@@ -5,4 +5,7 @@ custom_imports = dict(imports=["backbones"], allow_failed_imports=False)
 model = dict(
     pretrained=None,
     backbone=dict(_delete_=True, type="repbench.ResNet", depth=50, rep="dbb", strides=(1, 2, 1, 1),
-                  dilations=(1, 1, 2, 4), out_indices=(0, 1, 2, 3), norm_eval=False, pretrained=None))
+                  dilations=(1, 1, 2, 4), out_indices=(0, 1, 2, 3), norm_eval=False, freeze="paper", pretrained=None))
+# freeze="paper": the stock freezing (mmdet: stem and layer1; mmseg: none), except OREPA's linear deep stem, trainable
+# at lr x0.1 (OREPA supplement); freeze="fair": every stem trainable at lr x0.1 (backbones/mm.py, frozen_indices).
+optim_wrapper = dict(constructor="repbench.StemLrConstructor")
