@@ -67,13 +67,23 @@ def check_cityscapes(root: Path) -> None:
                                  "createTrainIdLabelImgs)")
 
 
+def _generated_once(path: Path, write) -> Path:
+    """``path``, written by ``write(tmp)`` into a temporary folder renamed into place unless it exists (workers that
+    generate it at once: the first rename wins)."""
+    if not path.is_dir():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        write(tmp)
+        _publish(tmp, path)
+    return path
+
+
 def ensure_tiny_coco(root: Path, images: int = 4, size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:
     """``root/coco`` in COCO's layout, generated once: per split ``images`` JPEGs (HxW ``size``) of noise with one
     to three filled rectangles, each an annotation with its box, polygon mask, area and a COCO category."""
-    path = root / "coco"
-    if path.is_dir():
-        return path
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    return _generated_once(root / "coco", lambda tmp: _write_tiny_coco(tmp, images, size, seed))
+
+
+def _write_tiny_coco(tmp: Path, images: int, size: tuple[int, int], seed: int) -> None:
     rng = np.random.default_rng(seed)
     h, w = size
     categories = [{"id": i, "name": name, "supercategory": name} for i, name in TINY_COCO_CATEGORIES]
@@ -98,17 +108,15 @@ def ensure_tiny_coco(root: Path, images: int = 4, size: tuple[int, int] = (96, 1
         (tmp / "annotations").mkdir(exist_ok=True)
         (tmp / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(
             {"images": entries, "annotations": annotations, "categories": categories}))
-    _publish(tmp, path)
-    return path
 
 
 def ensure_tiny_cityscapes(root: Path, frames: int = 2, size: tuple[int, int] = (64, 128), seed: int = 0) -> Path:
     """``root/cityscapes`` in Cityscapes' layout, generated once: per split ``frames`` frames of one city, each an
     RGB image and its train-id label map (horizontal bands of classes, some pixels 255 = ignored)."""
-    path = root / "cityscapes"
-    if path.is_dir():
-        return path
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    return _generated_once(root / "cityscapes", lambda tmp: _write_tiny_cityscapes(tmp, frames, size, seed))
+
+
+def _write_tiny_cityscapes(tmp: Path, frames: int, size: tuple[int, int], seed: int) -> None:
     rng = np.random.default_rng(seed)
     h, w = size
     for split in ("train", "val"):
@@ -123,8 +131,6 @@ def ensure_tiny_cityscapes(root: Path, frames: int = 2, size: tuple[int, int] = 
             stem = f"{city}_{index:06d}_000019"
             Image.fromarray(pixels).save(images / f"{stem}_leftImg8bit.png")
             Image.fromarray(label.astype(np.uint8)).save(labels / f"{stem}_gtFine_labelTrainIds.png")
-    _publish(tmp, path)
-    return path
 
 
 def _replace_types(node, old: str, new: str):

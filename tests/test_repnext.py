@@ -220,19 +220,26 @@ def test_tables_are_declared_with_every_printed_value(tmp_path):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
 
 
+def _smoke(table: str, rows: tuple[str, ...], tmp_path, where: str = "") -> dict[str, float]:
+    """run_suite <table> --only <rows> at smoke into a fresh database; the metrics stored (of ``where``'s rows)."""
+    import sqlite3
+    from test_cli import run_cli
+    db = tmp_path / "r.sqlite"
+    done = run_cli(table, "--only", *rows, "--db", f"sqlite:///{db}", "--data-root", str(tmp_path / "data"),
+                   "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db) as c:
+        return dict(c.execute("SELECT name, value FROM metrics JOIN runs ON runs.id = run_id" +
+                              (" WHERE row_name = ?" if where else ""), (where,) if where else ()))
+
+
 def test_table4_smoke_measures_every_form_beside_convnext(tmp_path):
     """run_suite repnext.table4 --only ConvNeXt-T RepNeXt-u3-T at smoke: the RepNeXt run stores params / MACs of the
     training, rRep and sRep forms (exactly the architecture's) and latency / throughput of all four forms, each with
     its ratio to ConvNeXt-T timed interleaved in the same process; the report shows them beside the printed ones."""
-    import sqlite3
     from test_cli import run_cli
     db = tmp_path / "r.sqlite"
-    done = run_cli("repnext.table4", "--only", "ConvNeXt-T", "RepNeXt-u3-T", "--db", f"sqlite:///{db}",
-                   "--data-root", str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    with sqlite3.connect(db) as c:
-        values = dict(c.execute("SELECT name, value FROM metrics JOIN runs ON runs.id = run_id "
-                                "WHERE row_name = 'RepNeXt-u3-T'"))
+    values = _smoke("repnext.table4", ("ConvNeXt-T", "RepNeXt-u3-T"), tmp_path, "RepNeXt-u3-T")
     with torch.device("meta"):
         model = build_classifier("repnext_t", "repnext", 4).eval()
         counts = [sum(p.numel() for p in m.parameters()) for m in
@@ -262,14 +269,7 @@ def test_table4_smoke_measures_every_form_beside_convnext(tmp_path):
 def test_table5_smoke_times_the_srep_form_with_its_spread(tmp_path):
     """run_suite repnext.table5 --only Shortcut-act-T: its training and sRep forms timed beside ConvNeXt-T (its
     group's first row, re-measured in the same process), each latency with the std of its timed forwards."""
-    import sqlite3
-    from test_cli import run_cli
-    db = tmp_path / "r.sqlite"
-    done = run_cli("repnext.table5", "--only", "Shortcut-act-T", "--db", f"sqlite:///{db}", "--data-root",
-                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    with sqlite3.connect(db) as c:
-        values = dict(c.execute("SELECT name, value FROM metrics"))
+    values = _smoke("repnext.table5", ("Shortcut-act-T",), tmp_path)
     for name in ("latency_train", "latency_srep"):
         assert values[name] > 0 and values[f"{name}_ratio"] > 0 and values[f"{name}_std"] >= 0
 
@@ -279,17 +279,10 @@ def test_table3_smoke_trains_on_generated_cifar100_pickles(tmp_path):
     the suite (nothing downloaded), the run trains with AdamW at the paper's 5e-4 and stores the training-form and
     sRep sizes and latencies counted at the paper's 64x64."""
     import pickle
-    import sqlite3
-    from test_cli import run_cli
-    db = tmp_path / "r.sqlite"
-    done = run_cli("repnext.table3", "--only", "RepNeXt-u2-T", "--db", f"sqlite:///{db}", "--data-root",
-                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
+    values = _smoke("repnext.table3", ("RepNeXt-u2-T",), tmp_path)
     train = tmp_path / "data" / "synthetic_cifar" / "train"  # CIFAR-100's python pickle, as the real one
     keys = {k.decode() if isinstance(k, bytes) else k for k in pickle.loads(train.read_bytes(), encoding="bytes")}
     assert {"data", "fine_labels"} <= keys
-    with sqlite3.connect(db) as c:
-        values = dict(c.execute("SELECT name, value FROM metrics"))
     assert values["latency_srep"] > 0 and values["latency_train"] > 0
     with torch.device("meta"):
         model = deploy(build_classifier("repnext_t", "repnext", 4, variant="u2").eval(), shortcut=True)
@@ -302,14 +295,7 @@ def test_table6_smoke_fills_the_cpu_columns_with_the_rows_form(tmp_path):
     """run_suite repnext.table6 --only RepNeXt-u3-T-sRep on this CPU: nothing trained; the row's deployed metrics
     are its sRep form's (params exactly the sRep network's), stored in the CPU columns with ratios to ConvNeXt-T
     timed beside it; the A100 columns stay empty."""
-    import sqlite3
-    from test_cli import run_cli
-    db = tmp_path / "r.sqlite"
-    done = run_cli("repnext.table6", "--only", "RepNeXt-u3-T-sRep", "--db", f"sqlite:///{db}", "--data-root",
-                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    with sqlite3.connect(db) as c:
-        values = dict(c.execute("SELECT name, value FROM metrics"))
+    values = _smoke("repnext.table6", ("RepNeXt-u3-T-sRep",), tmp_path)
     with torch.device("meta"):
         srep = deploy(build_classifier("repnext_t", "repnext", 1000).eval(), shortcut=True)
     assert values["params_deploy"] == sum(p.numel() for p in srep.parameters())
