@@ -559,15 +559,15 @@ def test_dyrep_tables_are_declared_as_printed(tmp_path):
     assert t6.row("DyRep w/o Dep").dyrep.dep is False
     assert [t9.recipe("paper", r).dyrep_interval for r in t9.rows[2:]] == [5, 10, 15, 30, 50]
     assert t3.row("ResNet-18/Origin").paper["top1"].text == "69.54" and t3.recipes["paper"].nesterov
-    declared = {r.name for t in (t3, t10) for r in t.rows if r.declared}
-    assert declared == {"MobileNet/DBB"}
+    assert not any(r.declared for t in (t3, t10) for r in t.rows)  # MobileNet/DBB: the depthwise DBB
     assert t3.recipe("paper", t3.row("MobileNet/DyRep")).dyrep_max_epoch == 70
     assert t10.row("CIFAR-100/synflow").paper["top1"].text == "74.91"
     assert {t10.row(f"CIFAR-10/{m}").dyrep.metric for m in ("grasp", "vote")} == {"grasp", "vote"}
     jobs = plan(t10, "smoke", 1, None, str(tmp_path), "sqlite://")
     assert len(jobs) == 14
-    done = run_cli("dyrep.table3", "--only", "MobileNet/DBB", "--dry-run", cwd=tmp_path)
-    assert done.returncode == 2 and done.stderr.strip().endswith("the depthwise DBB (MobileNet's DBB row) is not built")
+    done = run_cli("dyrep.table4", "--only", "ODBB(A2)", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().endswith("RepNAS's searched ODBB structure: quoted as printed, "
+                                                                 "not run")
     assert len(done.stderr.strip().splitlines()) == 1
 
 
