@@ -140,7 +140,7 @@ class Ordering:
 
     text: str
     source: str
-    metric: str  # the metric family whose MetricSpec gives the unit shown (e.g. latency)
+    metric: str  # the metric the cells share (latency); a cell's suffix after it names a form (latency_srep: sRep)
     cells: tuple[tuple[str, str], ...]
 
 
