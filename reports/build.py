@@ -344,8 +344,9 @@ FORM_LABELS = {"train": "train", "srep": "sRep", "linear": "rRep-Linear"}
 
 
 def judge_ordering(ordering: Ordering, table: Table, rows: dict[str, _Row]) -> dict:
-    """An order of printed values (suites.base.Ordering), in the claims' shape: one result per neighbouring pair of
-    the paper's order whose two cells were measured, with whether the measured means kept it on their device."""
+    """An order of printed values (suites.base.Ordering), in the claims' shape: the measured cells in the paper's
+    order, one result per neighbouring pair of them (cells not measured are skipped, so a row left out does not hide
+    the pair around it), with whether the measured means kept the order on their device."""
     def label(row_name: str, metric: str) -> str:
         form = metric[len(ordering.metric) + 1:]
         if table.row(row_name).rep == "none" and form in ("", "train"):  # a plain model's one form
@@ -357,11 +358,10 @@ def judge_ordering(ordering: Ordering, table: Table, rows: dict[str, _Row]) -> d
 
     printed = sorted(((table.row(r).paper[m], r, m) for r, m in ordering.cells if table.row(r).paper[m].value),
                      key=lambda cell: cell[0].value)
+    measured = [cell for cell in printed if rows[cell[1]].mean(cell[2]) is not None]
     results, devices = [], set()
-    for (paper_a, row_a, m_a), (paper_b, row_b, m_b) in zip(printed, printed[1:]):
+    for (paper_a, row_a, m_a), (paper_b, row_b, m_b) in zip(measured, measured[1:]):
         mine, other = rows[row_a].mean(m_a), rows[row_b].mean(m_b)
-        if mine is None or other is None:
-            continue
         for r in (row_a, row_b):
             devices.update(rows[r].metrics.device.dropna())
         equal = paper_a.value == paper_b.value
