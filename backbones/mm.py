@@ -74,7 +74,7 @@ class _RepBackbone(BaseModule):
         # the stem's lr multiplier under the reading (frozen_indices): OREPA's deep stem x0.1 (paper and fair), every
         # stem x0.1 under fair; applied by StemLrConstructor (the optim_wrapper's constructor)
         self.stem_lr_mult = STEM_LR_MULT if freeze == "fair" or deep_stem else 1.0
-        self.freeze, self.norm_eval, self.pretrained = freeze, norm_eval, pretrained
+        self.norm_eval, self.pretrained = norm_eval, pretrained
         self.out_channels = [net.out_channels[i] for i in self.out_indices]
         if pretrained is not None:
             if not isinstance(pretrained, (str, os.PathLike)) or not os.path.isfile(pretrained):

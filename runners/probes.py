@@ -686,6 +686,13 @@ SINGLE = ("train_memory", "max_batch_size")  # one reading per model: a plain qu
 RATES = ("throughput", "train_speed")  # higher is better: their ratio is the baseline's time / the row's
 
 
+def in_form(model: nn.Module, form: str, deploy: Callable[..., nn.Module]) -> nn.Module:
+    """``model`` in ``form``: ``deploy`` (the regular deploy) or a FORMS key (``train``: as it is)."""
+    if form == "deploy":
+        return deploy(model)
+    return model if FORMS[form] is None else deploy(model, **FORMS[form])
+
+
 def on_cpu(name: str) -> str:
     """A latency / throughput metric's name in a table's CPU columns (RepNeXt Table 6): ``latency_ratio`` ->
     ``latency_cpu_ratio``; other names unchanged."""
@@ -770,14 +777,11 @@ def compare_costs(factories: dict[str, ModelFactory], baseline: str | None, sett
         variants = {}  # (name, form) -> that form of the model
         for name, wanted_forms in (forms or {}).items():
             for form in wanted_forms:
-                variants[name, form] = copy.deepcopy(models[name]) if FORMS[form] is None else \
-                    deploy(copy.deepcopy(models[name]), **FORMS[form])
+                variants[name, form] = in_form(copy.deepcopy(models[name]), form, deploy)
                 if form == "srep" and name in counted:
                     out[name] += params_macs(variants[name, form], "srep", s.macs_resolution)
         for name, model in models.items():
-            form = (deployed or {}).get(name, "deploy")
-            models[name] = deploy(model) if form == "deploy" else model if FORMS[form] is None else \
-                deploy(model, **FORMS[form])
+            models[name] = in_form(model, (deployed or {}).get(name, "deploy"), deploy)
             if name in counted:  # a baseline compared against others has its own run for these
                 out[name] += params_macs(models[name], "deploy", s.macs_resolution)
         if "inference" in probes:
