@@ -53,6 +53,7 @@ class Section:
     superseded: list[dict] = field(default_factory=list)  # finished runs of an older config: listed, not averaged
     busy: list[str] = field(default_factory=list)  # rows timed while the machine was busy
     departures: list[str] = field(default_factory=list)  # rows with a recipe of their own (Row.recipe), what differs
+    recipe_text: str = ""             # the recipe in words (a classification or a dense recipe)
 
     def family(self, title: str) -> Family:
         return next(f for f in self.families if f.title == title)
@@ -379,29 +380,41 @@ def lineage(store, table_key: str) -> dict[int, str]:
     """Run id -> where its inputs came from: a RepOpt row's scales file, named by the Hyper-Search run that wrote it
     (matched by sha256 over every table's recorded files), else by its path (run_suite --scales)."""
     used = store.artifacts_frame(table_name=table_key)
-    used = used[used.kind == "input_scales"]
+    used = used[used.kind.isin(("input_scales", "input_weights"))]
     if used.empty:
         return {}
     written = store.artifacts_frame()
-    written = written[written.kind == "scales"]
+    written = written[written.kind.isin(("scales", "weights_train", "weights_deploy"))]
     out = {}
     for u in used.itertuples():
         source = written[written.sha256 == u.sha256]
         who = (f"{source.table_name.iloc[0]} / {source.row_name.iloc[0]} seed {source.seed.iloc[0]} (run "
-               f"{source.run_id.iloc[0]})" if len(source) else f"the file {u.path}")
-        out[int(u.run_id)] = f"scales from {who}, sha256 {u.sha256[:12]}"
+               f"{source.run_id.iloc[0]}{', ' + source.kind.iloc[0].split('_')[1] + ' form' if u.kind == 'input_weights' else ''})"
+               if len(source) else f"the file {u.path}")
+        what = "scales" if u.kind == "input_scales" else "backbone weights"
+        out[int(u.run_id)] = f"{what} from {who}, sha256 {u.sha256[:12]}"
     return out
 
 
 def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.DataFrame,
                   envs: pd.DataFrame | None = None, inputs: dict[int, str] | None = None) -> Section:
     recipe = table.recipes[scale]
-    at_paper_regime = table.paper_regime is not None and \
-        (recipe.cost_batch, recipe.cost_resolution) == table.paper_regime
-    regime = f"cost measured at batch {recipe.cost_batch} x {recipe.cost_resolution}x{recipe.cost_resolution}"
-    regime += " (the paper's regime)" if at_paper_regime else \
-        (f"; the paper's regime is {table.paper_regime[0]} x {table.paper_regime[1]}x{table.paper_regime[1]}, "
-         "so cost is not judged here" if table.paper_regime else "")
+    if table.runner == "dense":  # one train_step of each row's mm config; the paper's regime is the stock config's
+        at_paper_regime = recipe.batch is None and recipe.image_scale is None and recipe.data == "real"
+        regime = ("cost measured on one training step of each row's config at "
+                  + (f"{recipe.cost_batch or recipe.batch} image(s) per device, " if recipe.batch else
+                     "the config's batch per device, ")
+                  + (f"{recipe.image_scale[0]}x{recipe.image_scale[1]}" if recipe.image_scale else
+                     "the config's image scale") + f", {recipe.data} data"
+                  + (" (the paper's regime)" if at_paper_regime else
+                     "; the paper's regime is the stock config's batch and images, so cost is not judged here"))
+    else:
+        at_paper_regime = table.paper_regime is not None and \
+            (recipe.cost_batch, recipe.cost_resolution) == table.paper_regime
+        regime = f"cost measured at batch {recipe.cost_batch} x {recipe.cost_resolution}x{recipe.cost_resolution}"
+        regime += " (the paper's regime)" if at_paper_regime else \
+            (f"; the paper's regime is {table.paper_regime[0]} x {table.paper_regime[1]}x{table.paper_regime[1]}, "
+             "so cost is not judged here" if table.paper_regime else "")
     commits = {} if envs is None or envs.empty else dict(zip(envs.run_id, envs.git_commit))
     rows = {row.name: _Row(row, runs[(runs.row_name == row.name) & (runs.scale == scale)], metrics, commits, inputs)
             for row in table.rows}
@@ -435,10 +448,16 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
     departures = [f"{row.name}: " + ", ".join(f"{k} {v}" for k, v in row.recipe[scale].items()
                                               if getattr(recipe, k) != v)
                   for row in table.rows if any(getattr(recipe, k) != v for k, v in row.recipe.get(scale, {}).items())]
+    if table.runner == "dense":
+        text = "; ".join(f"{k} {v}" for k, v in recipe.switches().items()) + (
+            f"; {recipe.batch} image(s) per device" if recipe.batch else "; the config's batch")
+    else:
+        text = (f"dataset {recipe.dataset}, {recipe.resolution}x{recipe.resolution}, batch {recipe.batch}, "
+                f"{recipe.epochs} epoch(s)" + (f" (at most {recipe.max_iters} iterations)" if recipe.max_iters else ""))
     return Section(scale, recipe.as_dict(), regime, devices, families,
                    [judge_claim(c, table, rows, at_paper_regime) for c in table.claims]
                    + [judge_ordering(o, table, rows) for o in table.orderings],
-                   [r.where() for r in rows.values()], plot, table.chain, points, superseded, busy, departures)
+                   [r.where() for r in rows.values()], plot, table.chain, points, superseded, busy, departures, text)
 
 
 def build_table_report(table: Table, store) -> dict:
@@ -483,6 +502,8 @@ def leaderboard(reports: list[dict]) -> list[dict]:
     boards: dict = {}
     for report in reports:
         for section in report["sections"]:
+            if "dataset" not in section.recipe:  # a dense table's runs: no classification recipe to share
+                continue
             recipe = {k: section.recipe.get(k) for k in ("dataset", "resolution", "batch", "epochs", "cost_batch",
                                                           "cost_resolution")}
             key = (section.scale, tuple(sorted(recipe.items())))

@@ -532,6 +532,17 @@ class Store:
                 out[run.id] = sorted(k for k in params.keys() | new.keys() if params.get(k) != new.get(k))
             return out
 
+    def runs_matching(self, params: dict, status: str = "finished") -> pd.DataFrame:
+        """Runs (``runs_frame``'s columns) in ``status`` whose config holds every value of ``params`` (nested dicts
+        match key by key, as the config is stored), newest first: e.g. the classification runs of one backbone."""
+        query = select(Run.id, Run.run_key, Run.table_name, Run.row_name, Run.scale, Run.seed, Run.ended_ms).where(
+            Run.status == status)
+        for key, value in _flatten(params).items():
+            query = query.where(Run.id.in_(select(Param.run_id).where(Param.key == key, Param.value == value)))
+        with self.engine.connect() as c:
+            return pd.DataFrame(c.execute(query.order_by(Run.ended_ms.desc(), Run.id.desc())).mappings().all(),
+                                columns=[col.name for col in query.selected_columns])
+
     def params_of(self, run_id: int) -> dict[str, object]:
         with self.session() as s:
             return {p.key: json.loads(p.value) for p in s.scalars(select(Param).where(Param.run_id == run_id))}

@@ -85,6 +85,10 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scales", metavar="FILE",
                         help="RepOpt rows: use this scales file (this suite's or the official RepOpt-VGG-*-scales.pth "
                              "layout) instead of running their Hyper-Search; its sha256 enters the run key")
+    parser.add_argument("--pretrained", nargs="+", metavar="ROW=PATH", default=[],
+                        help="dense tables: the checkpoint a row's backbone starts from (a repbench classification "
+                             "checkpoint, train or deploy form), instead of the classification run in the database "
+                             "(the recipe's); its sha256 enters the run key")
     parser.add_argument("--force", action="store_true",
                         help="re-run finished runs too, from scratch (their old checkpoints are removed)")
     parser.add_argument("--dry-run", action="store_true", help="show the plan; run and write nothing")
@@ -157,15 +161,21 @@ def _validated_run(args):
         raise BadInput("--seeds must be >= 1")
     if args.devices < 1:
         raise BadInput("--devices must be >= 1")
-    from runners.jobs import batch_plan, row_recipe
     rows = [table.row(name) for name in args.only] if args.only else [r for r in table.rows if not r.declared]
     data_root = resolve_data_root(args.data_root)
-    recipes = {row.name: row_recipe(table, args.scale, row, args.follow, data_root) for row in rows}
-    try:
-        for recipe in dict.fromkeys(recipes.values()):
-            batch_plan(recipe, args.devices)
-    except ValueError as e:
-        raise BadInput(f"--devices {args.devices}: {table.key} at {args.scale}: {e}") from None
+    if table.runner == "dense":
+        _validated_dense(table, rows, args, data_root)
+        recipes = {}
+    else:
+        if args.pretrained:
+            raise BadInput(f"--pretrained: {table.key} is not a dense table (its rows train from scratch)")
+        from runners.jobs import batch_plan, row_recipe
+        recipes = {row.name: row_recipe(table, args.scale, row, args.follow, data_root) for row in rows}
+        try:
+            for recipe in dict.fromkeys(recipes.values()):
+                batch_plan(recipe, args.devices)
+        except ValueError as e:
+            raise BadInput(f"--devices {args.devices}: {table.key} at {args.scale}: {e}") from None
     if args.devices > 1 and not args.dry_run:
         import torch
         if torch.cuda.is_available() and torch.cuda.device_count() < args.devices:
@@ -217,6 +227,84 @@ def _validated_run(args):
     return table, url, data_root, missing, site
 
 
+def _validated_dense(table, rows, args, data_root) -> None:
+    """A dense table's own checks: the batch arithmetic of each row's stock config on --devices, --pretrained's
+    rows and files (read strictly as repbench checkpoints), and a real dataset's presence (generated tiny data is
+    written by the run). Leaves ``args.pretrained`` as {row: {"path", "sha256", "source": "file"}}."""
+    from backbones import CheckpointError, read_checkpoint
+    from runners.dense import DatasetMissing, batch_plan, ensure_data, task_of
+    from runners.jobs import sha256_of
+    recipe = table.recipes[args.scale]
+    try:
+        for row in rows:
+            batch_plan(recipe, row.config, args.devices)
+    except ValueError as e:
+        raise BadInput(f"--devices {args.devices}: {table.key} at {args.scale}: {e}") from None
+    given = {}
+    for item in args.pretrained:
+        name, sep, path = item.rpartition("=")
+        if not sep or not name or not path:
+            raise BadInput(f"--pretrained {item!r}: expected ROW=PATH")
+        if name not in {row.name for row in rows}:
+            raise BadInput(f"--pretrained {item!r}: {name!r} is not a row of this run; rows: "
+                           f"{', '.join(row.name for row in rows)}")
+        try:
+            read_checkpoint(path)
+        except CheckpointError as e:
+            raise BadInput(f"--pretrained {name}: {e}") from None
+        given[name] = {"path": str(Path(path).resolve()), "sha256": sha256_of(Path(path)), "source": "file"}
+    args.pretrained = given
+    if recipe.data == "real":
+        try:
+            for task in dict.fromkeys(task_of(row.config) for row in rows):
+                ensure_data(task, recipe, data_root)
+        except DatasetMissing as e:
+            if not args.dry_run:
+                raise BadInput(str(e)) from None
+
+
+def _dense_pretrained(store_url: str, table, rows, args) -> tuple[dict[str, dict], str | None]:
+    """Each dense row's starting checkpoint: --pretrained's, else (a recipe with ``pretrained="suite"``) the
+    classification run of the same backbone in the database (runners/dense.py find_pretrained); one line naming the
+    run to do first when there is none (a dry run shows the plan without it, and that line as a note)."""
+    recipe = table.recipes[args.scale]
+    found = dict(args.pretrained)
+    if recipe.pretrained != "suite" or all(row.name in found for row in rows):
+        return found, None
+    from results import SchemaMissing, Store
+    from runners.dense import find_pretrained
+    from runners.jobs import _model_of
+    store = None
+    if not (store_url.startswith("sqlite:///") and not Path(store_url[len("sqlite:///"):]).exists()):
+        try:
+            store = Store(store_url, migrate=False)
+        except (SchemaMissing, StoreError):
+            store = None
+    try:
+        for row in rows:
+            if row.name in found:
+                continue
+            model = _model_of(row)
+            hit = store and find_pretrained(store, model["arch"], model["rep"], model["variant"],
+                                            recipe.pretrained_scale, table.paper)
+            if not hit:
+                source = next((f"'run_suite {t.key} --scale {recipe.pretrained_scale} --only \"{r.name}\"'"
+                               for t in suites.TABLES.values() if t.runner == "classification"
+                               and recipe.pretrained_scale in t.recipes for r in t.rows
+                               if not r.declared and _model_of(r) == model), "a classification run of it")
+                line = (f"{table.key} / {row.name} starts from the final weights of a {recipe.pretrained_scale}-scale "
+                        f"classification run of {row.arch}/{row.rep}, and the database has none: run {source} first, "
+                        f"or give --pretrained '{row.name}=PATH'")
+                if args.dry_run:
+                    return found, line
+                raise BadInput(line)
+            found[row.name] = {**hit, "source": "suite run"}
+    finally:
+        if store is not None:
+            store.close()
+    return found, None
+
+
 def _checked_url(db: str | None, must_exist: bool) -> str:
     """The database URL to use, checked without writing anything (exit 2 on a bad one)."""
     url = resolve_url(db)
@@ -243,8 +331,13 @@ def cmd_run(argv, console: Console) -> int:
         data_root, artifacts = Path(data_root).resolve(), artifacts.resolve()
     since = now_ms()
     scales = str(Path(args.scales).resolve()) if args.scales else None
+    pretrained = None
+    if table.runner == "dense":
+        pretrained, note = _dense_pretrained(url, table, [table.row(n) for n in args.only] if args.only else
+                                             [r for r in table.rows if not r.declared], args)
+        missing = missing or note
     jobs = plan(table, args.scale, args.seeds, args.only, str(data_root), public_url, args.executor, args.devices,
-                args.follow, str(artifacts), args.force, since_ms=since, scales_file=scales)
+                args.follow, str(artifacts), args.force, since_ms=since, scales_file=scales, pretrained=pretrained)
     if args.dry_run:
         done = _already_done(url, jobs) if not args.force else {}
         console.print(_plan_view(table, args, jobs, done))
@@ -457,6 +550,8 @@ def _plan_view(table, args, jobs, done: dict[str, str] | None = None) -> RichTab
     device-hours, and which runs the database already holds done (``done``: run key -> status); nothing is
     written."""
     done = done or {}
+    if table.runner == "dense":
+        return _dense_plan_view(table, args, jobs, done)
     from runners.data import TRAIN_IMAGES
     recipe = table.recipes[args.scale].following(args.follow)
     from runners.jobs import batch_plan, lr_text
@@ -488,6 +583,30 @@ def _plan_view(table, args, jobs, done: dict[str, str] | None = None) -> RichTab
     return view
 
 
+def _dense_plan_view(table, args, jobs, done: dict[str, str]) -> RichTable:
+    """A dense table's plan: per row its config, batch arithmetic (the stock config's as the paper ran it), schedule
+    and the checkpoint its backbone starts from."""
+    recipe = table.recipes[args.scale]
+    switches = "; ".join(f"{k}: {v}" for k, v in recipe.switches().items())
+    view = RichTable(title=f"plan: {table.key} at {args.scale} ({len(jobs) - len(done)} of {len(jobs)} runs to do, "
+                           f"{len(done)} already done; nothing written)\n{switches}", title_justify="left")
+    for column in ("row", "seed", "arch / rep", "config", "devices x accum x batch, lr", "pretrained", "run key",
+                   "in database"):
+        view.add_column(column, no_wrap=column in ("run key", "in database"))
+    for job in jobs:
+        c = job.config
+        p = c.get("pretrained")
+        view.add_row(job.spec.row_name, str(job.spec.seed), f"{c['arch']} / {c['rep']}",
+                     Path(c["dense"]["config"]).name,
+                     f"{c['world_size']} x {c['grad_accum']} x {c['per_device_batch']} = {c['global_batch']} "
+                     f"(paper {c['paper_global_batch']}), {c['lr']:g}",
+                     "none" if not p else (f"{p['table']} / {p['row']} ({p['sha256'][:12]})" if p.get("table")
+                                           else f"{Path(job.pretrained_file).name} ({p['sha256'][:12]})"),
+                     job.spec.run_key[:12],
+                     f"{done[job.spec.run_key]}: skipped" if job.spec.run_key in done else "to do")
+    return view
+
+
 def _device_hours(table, job, recipe, steps) -> str:
     """Paper-scale estimate: optimizer steps x the paper's printed time per step (on its devices) x its devices.
     The time comes from a row of any table of the same paper with the same arch and rep (OREPA Table 4 prints
@@ -513,8 +632,10 @@ def _summary(store, table, scale, run_ids) -> RichTable:
     runs = runs[(runs.scale == scale) & runs.id.isin(run_ids)]
     metrics = store.metrics_frame(table.key)
     view = RichTable(title=f"{table.key} at {scale}")
-    headers = {"top1": "top-1 %", "train_memory": "mem GiB", "train_memory_ratio": "mem x base",
-               "time_per_batch": "s/batch", "time_per_batch_ratio": "time x base", "latency": "latency s"}
+    headers = {"top1": "top-1 %", "map": "mAP %", "map_deployed": "mAP deployed", "miou": "mIoU %",
+               "miou_deployed": "mIoU deployed", "train_memory": "mem GiB", "train_memory_ratio": "mem x base",
+               "time_per_batch": "s/batch", "time_per_batch_ratio": "time x base",
+               "time_per_50_steps": "min/50 steps", "time_per_50_steps_ratio": "time x base", "latency": "latency s"}
     columns = [m for m in headers if m in set(metrics.name)]
     for column in ("row", "seed", "status", *(headers[c] for c in columns)):
         view.add_column(column, no_wrap=column == "row")
@@ -571,10 +692,82 @@ def cmd_status(argv, console: Console) -> int:
         store.close()
 
 
+def cmd_finetune(argv, console: Console) -> int:
+    """``run_suite finetune``: runners/finetune.py; checked like a run (one line, exit 2, nothing written)."""
+    from backbones import CheckpointError, read_checkpoint
+    from runners import finetune
+    from runners.data import resolve_data_root
+    from runners.dense import DatasetMissing, batch_plan, config_path, ensure_data, task_of
+    from runners.jobs import resolve_artifacts_root
+    from suites import DenseRecipe
+
+    args = finetune.parser().parse_args(argv)
+    path = config_path(args.config)
+    if not path.is_file():
+        raise BadInput(f"config {args.config}: no such file (a path, or a name under configs/)")
+    try:
+        task = task_of(str(args.config))
+        finetune.parse_backbone(args.backbone)
+    except Exception as e:  # noqa: BLE001 - a config that does not parse, an unknown arch / rep / variant
+        raise BadInput(f"{type(e).__name__}: {e}".splitlines()[0] if not isinstance(e, ValueError)
+                       else str(e).splitlines()[0]) from None
+    for flag in ("devices", "iters", "batch"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise BadInput(f"--{flag} must be >= 1")
+    try:
+        batch_plan(DenseRecipe(batch=args.batch), str(args.config), args.devices)
+    except ValueError as e:
+        raise BadInput(f"--devices {args.devices}: {e}") from None
+    if args.pretrained:
+        try:
+            read_checkpoint(args.pretrained)
+        except CheckpointError as e:
+            raise BadInput(f"--pretrained: {e}") from None
+    data_root = resolve_data_root(args.data_root)
+    try:
+        ensure_data(task, DenseRecipe(data="real"), data_root)
+    except DatasetMissing as e:
+        raise BadInput(str(e)) from None
+    url = _checked_url(args.db, must_exist=False)
+    public_url, secret_env = split_secret(url)
+    artifacts = str(resolve_artifacts_root(args.artifacts))
+    job, table = finetune.plan_job(args, data_root, public_url, artifacts)
+    args.scale = job.spec.scale
+    from results import Store
+    try:
+        store = Store(url)
+    except StoreError as e:
+        raise BadInput(str(e)) from None
+    os.environ.update(secret_env)
+    from runners.executors import LocalExecutor
+    from runners.jobs import COMMAND_ENV
+    os.environ[COMMAND_ENV] = " ".join(["run_suite", "finetune", *(mask_url(a) if "://" in a else a for a in argv)])
+    try:
+        run = store.ensure_run(job.spec)
+        job.run_id = run.id
+        if run.status in FINAL:
+            console.print(f"nothing to do: this finetune run ({job.spec.row_name}, run {run.id}) is already "
+                          f"{run.status} ('run_suite report finetune' shows it)")
+            return 0
+        console.print(f"finetune {job.spec.row_name} at {args.scale}: database {store.url}")
+        return _run_local(LocalExecutor(), [job], store, table, args, console)
+    finally:
+        store.close()
+
+
 def cmd_report(argv, console: Console) -> int:
     args = report_parser().parse_args(argv)
-    tables = list(suites.TABLES.values()) if args.table == "all" else [_table(args.table)]
     url = _checked_url(args.db, must_exist=True)
+    if args.table in ("finetune", "repbench.finetune"):  # its rows are the finetune runs in the database
+        from results import Store
+        from runners.finetune import table_from_store
+        store = Store(url, migrate=False)
+        try:
+            tables = [table_from_store(store)]
+        finally:
+            store.close()
+    else:
+        tables = list(suites.TABLES.values()) if args.table == "all" else [_table(args.table)]
     out = Path(args.out)
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
@@ -592,7 +785,7 @@ def cmd_report(argv, console: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console(width=None if sys.stdout.isatty() else 120)
-    commands = {"list": cmd_list, "report": cmd_report, "status": cmd_status}
+    commands = {"list": cmd_list, "report": cmd_report, "status": cmd_status, "finetune": cmd_finetune}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:], console)

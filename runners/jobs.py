@@ -65,6 +65,7 @@ class Job:
     fresh: bool = False
     since_ms: int | None = None  # when the invocation (or submission) began: runs that failed before it are retried
     scales_file: str | None = None  # RepOpt rows given --scales: the file (its sha256 is in the config)
+    pretrained_file: str | None = None  # dense rows: the backbone's checkpoint (its sha256 is in the config)
 
     @property
     def label(self) -> str:
@@ -125,22 +126,24 @@ def row_recipe(table, scale: str, row, follow: str, data_root):
 
 def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, db_url: str,
          executor: str = "local", devices: int = 1, follow: str = "code", artifacts_root: str | None = None,
-         fresh: bool = False, since_ms: int | None = None, scales_file: str | None = None) -> list[Job]:
+         fresh: bool = False, since_ms: int | None = None, scales_file: str | None = None,
+         pretrained: dict[str, dict] | None = None) -> list[Job]:
     """Jobs for ``table`` (a suites.Table) at ``scale``: every row (or ``only``) x seeds 0..seeds-1, trained by
     ``devices`` processes with the recipe as the official code (``follow="code"``) or the paper's text runs it.
-    RepOpt rows bring their Hyper-Search run (planned first), unless ``scales_file`` gives their searched scales."""
+    RepOpt rows bring their Hyper-Search run (planned first), unless ``scales_file`` gives their searched scales.
+    A dense table's rows (``runner="dense"``) start from ``pretrained[row]`` (runners/dense.py find_pretrained, or a
+    user's file: ``{"path", "sha256", ...}``) where given."""
     import suites
-    from backbones import resolve_variant
     from .data import NUM_CLASSES
 
     rows = [table.row(name) for name in only] if only else [row for row in table.rows if not row.declared]
+    if table.runner == "dense":
+        return _plan_dense(table, scale, seeds, rows, data_root, db_url, executor, devices, artifacts_root, fresh,
+                           since_ms, pretrained or {})
     # a form's metric (latency_srep: RepNeXt) asks for its probe too
     asked = set(table.metrics) | {m.rsplit("_", 1)[0] for m in table.metrics if m.endswith(("_train", "_srep",
                                                                                              "_linear", "_cpu"))}
     costs = {"train_memory", "time_per_batch", "train_speed", "max_batch_size", "latency"} & asked
-
-    def model_of(row) -> dict:
-        return {"arch": row.arch, "rep": row.rep, "variant": resolve_variant(row.rep, row.variant).as_dict()}
 
     jobs = []
     for row in rows:
@@ -170,8 +173,8 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
         baseline = table.baseline_of(row) if costs else None
         for seed in range(seeds):
             config = {
-                "table": table.key, "row": row.name, "scale": scale, "seed": seed, **model_of(row),
-                "baseline": {"row": baseline, **model_of(table.row(baseline))} if baseline else None,
+                "table": table.key, "row": row.name, "scale": scale, "seed": seed, **_model_of(row),
+                "baseline": {"row": baseline, **_model_of(table.row(baseline))} if baseline else None,
                 "num_classes": table.num_classes or NUM_CLASSES[recipe.dataset], "recipe": recipe.as_dict(),
                 **batches,
                 "metrics": list(table.metrics), "code": code_fingerprint(),
@@ -188,6 +191,40 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
             jobs.append(Job(spec, config, data_root, db_url, executor,
                             artifacts_root=str(resolve_artifacts_root(artifacts_root)),
                             fresh=fresh, since_ms=since_ms, scales_file=scales_file if scales else None))
+    return jobs
+
+
+def _model_of(row) -> dict:
+    from backbones import resolve_variant
+    return {"arch": row.arch, "rep": row.rep, "variant": resolve_variant(row.rep, row.variant).as_dict()}
+
+
+def _plan_dense(table, scale, seeds, rows, data_root, db_url, executor, devices, artifacts_root, fresh, since_ms,
+                pretrained: dict[str, dict]) -> list[Job]:
+    """The jobs of a dense table (runners/dense.py): per row and seed, the row's mm config and backbone, the batch
+    arithmetic of its stock config on ``devices``, the group's baseline (re-measured beside it for the cost ratios)
+    and the checkpoint its backbone starts from (its sha256 and the run it came from: the lineage; not its path)."""
+    from .dense import batch_plan as dense_batch_plan
+    recipe = table.recipes[scale]
+    jobs = []
+    for row in rows:
+        baseline = table.baseline_of(row)
+        given = pretrained.get(row.name)
+        for seed in range(seeds):
+            config = {
+                "table": table.key, "row": row.name, "scale": scale, "seed": seed, **_model_of(row),
+                "baseline": {"row": baseline, **_model_of(table.row(baseline))} if baseline else None,
+                "dense": {"config": row.config, "freeze": row.freeze}, "recipe": recipe.as_dict(),
+                **dense_batch_plan(recipe, row.config, devices), "metrics": list(table.metrics),
+                "code": code_fingerprint(),
+                **({"pretrained": {k: v for k, v in given.items() if k != "path"}} if given else {}),
+            }
+            chash = config_hash({k: v for k, v in config.items() if k != "seed"})
+            spec = RunSpec(run_key(table.key, row.name, scale, seed, chash), table.key, row.name, scale, seed, chash,
+                           config)
+            jobs.append(Job(spec, config, data_root, db_url, executor,
+                            artifacts_root=str(resolve_artifacts_root(artifacts_root)), fresh=fresh,
+                            since_ms=since_ms, pretrained_file=given["path"] if given else None))
     return jobs
 
 
@@ -320,6 +357,14 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
             if dist.distributed:
                 torch.distributed.barrier()  # nobody reads a checkpoint that --force is removing
             c = job.config
+            if c.get("dense"):  # a detection / segmentation row: its own job (runners/dense.py)
+                from . import dense
+                if dist.is_main:
+                    store.log_environment(run_id, environment(device), owner=claim.owner)
+                status = dense.execute(store, claim, job, device, dist)
+                if dist.is_main:
+                    store.finish_run(run_id, status, claim=claim, attempt_status=status)
+                return status
             recipe = Recipe.from_dict(c["recipe"])
             trains = "top1" in c["metrics"] and recipe.train_accuracy
             model = None

@@ -484,11 +484,16 @@ def run_capped(fn, args: tuple, cap_bytes: int, threads: int | None = None) -> t
     return _run_capped_here(fn, args, cap_bytes, 1)
 
 
-def _measure_step_memory(factory: ModelFactory, batch: int, resolution: int, num_classes: int, device: str,
-                         warmup: int):
+def _classification_step(factory: ModelFactory, batch: int, resolution: int, num_classes: int, device: str):
+    """The training step the classification probes measure (``make_train_step``) of a freshly built model."""
+    return make_train_step(factory(), batch, resolution, num_classes, device)
+
+
+def _measure_step_memory(make_step: Callable[[], Callable[[], object]], device: str, warmup: int):
+    """(peak, growth during the measured step) in bytes of the step ``make_step()`` builds (see the module
+    docstring); on CPU run in a fresh child (``run_capped``)."""
     if device.startswith("cuda"):
-        model = factory()
-        step = make_train_step(model, batch, resolution, num_classes, device)
+        step = make_step()
         for _ in range(warmup):
             step()
         synchronize(device)
@@ -500,8 +505,7 @@ def _measure_step_memory(factory: ModelFactory, batch: int, resolution: int, num
         return peak, peak - before
     _release_free_memory()  # a parent that already worked leaves free heap pages behind; they are not ours
     baseline = _status_kib("VmRSS") * 1024  # right after import torch (forked from a fresh job process)
-    model = factory()
-    step = make_train_step(model, batch, resolution, num_classes, device)
+    step = make_step()
     for _ in range(warmup):
         step()
     _reset_peak_rss()
@@ -515,21 +519,30 @@ def probe_train_memory(factory: ModelFactory, batch: int, resolution: int, num_c
                        warmup: int = 1, cap_gb: float = 16.0) -> Measurement:
     """Peak training memory in GiB (see the module docstring); ``extra['train_memory_step']`` is the growth during
     the measured step alone. On CPU ``threads`` is the count the child process really used."""
+    return probe_step_memory(functools.partial(_classification_step, factory, batch, resolution, num_classes,
+                                               device), device, warmup, cap_gb, batch=batch, resolution=resolution)
+
+
+def probe_step_memory(make_step: Callable[[], Callable[[], object]], device: str = "cpu", warmup: int = 1,
+                      cap_gb: float = 16.0, what: str = "", **where) -> Measurement:
+    """Peak training memory in GiB of any training step: ``make_step()`` builds the model, its optimizer and a fixed
+    batch and returns the step (a picklable callable: on CPU it runs in a capped child). The classification probe
+    and the dense runner's (an mmdet / mmseg ``train_step``) are this one; ``what`` names the step in the method;
+    ``where`` (batch, resolution) is stored with the value."""
     cap = int(cap_gb * GIB)
-    where = dict(batch=batch, resolution=resolution)
     if device.startswith("cuda"):
-        method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
+        method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats" + what
         try:
-            peak, step = _measure_step_memory(factory, batch, resolution, num_classes, device, warmup)
+            peak, step = _measure_step_memory(make_step, device, warmup)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return Measurement("train_memory", None, "GiB", f"CUDA OOM; {method}", oom=True, **where)
         return Measurement("train_memory", peak / GIB, "GiB", method, extra={"train_memory_step": step / GIB},
                            threads=torch.get_num_threads(), **where)
-    status, result, cap_method, threads = run_capped(_measure_step_memory,
-                                                     (factory, batch, resolution, num_classes, device, warmup), cap)
+    status, result, cap_method, threads = run_capped(_measure_step_memory, (make_step, device, warmup), cap)
     method = (f"CPU child process ({threads} thread(s)): VmHWM (reset via /proc/self/clear_refs before the step "
-              f"after {warmup} warm-up) minus RSS at the child's start, before the model is built; {cap_method}")
+              f"after {warmup} warm-up) minus RSS at the child's start, before the model is built{what}; "
+              f"{cap_method}")
     if status == "oom":
         return Measurement("train_memory", None, "GiB", f"OOM at budget {cap_gb:g} GiB; {method}", oom=True,
                            threads=threads, **where)

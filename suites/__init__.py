@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from . import dyrep, orepa, repnext, repopt
-from .base import METRICS, OPTIMIZERS, SCALES, Claim, DyRep, MetricSpec, Ordering, PaperValue, Recipe, Row, Scales, Structure, Table
+from .base import METRICS, OPTIMIZERS, SCALES, Claim, DenseRecipe, DyRep, MetricSpec, Ordering, PaperValue, Recipe, Row, Scales, Structure, Table
 
 PAPERS = {"orepa": orepa.TABLES, "repopt": repopt.TABLES, "dyrep": dyrep.TABLES, "repnext": repnext.TABLES}  # in DESIGN.md's order; the first paper owns bare table names
 TABLES: dict[str, Table] = {t.key: t for tables in PAPERS.values() for t in tables}

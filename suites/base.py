@@ -247,8 +247,14 @@ class Row:
     # the form the row's deployed metrics (params_deploy, macs_deploy, latency, throughput) measure: "deploy" (the
     # regular deploy), or one of the forms above (RepNeXt Table 6 prints the train, rRep and sRep forms as rows)
     deployed: str = "deploy"
+    # a dense table's row (runner="dense"): the mm config it finetunes, under configs/ (its backbone becomes the
+    # row's arch / rep / variant), and the freezing reading (backbones/mm.py frozen_indices: "paper" or "fair")
+    config: str | None = None
+    freeze: str = "paper"
 
     def __post_init__(self):
+        if self.freeze not in ("paper", "fair"):
+            raise ValueError(f"{self.name}: freeze {self.freeze!r}: expected paper or fair")
         if set(self.forms) - {"train", "srep", "linear"}:
             raise ValueError(f"{self.name}: forms {self.forms}: expected among train, srep, linear")
         if self.deployed not in ("deploy", "train", "srep", "linear"):
@@ -264,7 +270,8 @@ class Row:
             raise ValueError(f"{self.name}: unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
         if self.optimizer not in (None, "sgd", "adamw") and self.scales is not None and self.scales.grad_mult:
             raise ValueError(f"{self.name}: the RepOptimizer is SGD or AdamW, not {self.optimizer}")
-        unknown = {k for fields in self.recipe.values() for k in fields} - {f.name for f in fields_of(Recipe)}
+        unknown = ({k for fields in self.recipe.values() for k in fields}
+                   - {f.name for f in fields_of(Recipe)} - {f.name for f in fields_of(DenseRecipe)})
         if unknown:
             raise ValueError(f"{self.name}: unknown recipe fields {sorted(unknown)}")
 
@@ -377,6 +384,68 @@ class Recipe:
         return cls(**{**d, "paper_text": tuple(tuple(pair) for pair in d.get("paper_text", ()))})
 
 
+DENSE_DATA = ("tiny", "real")
+PRETRAINED = ("none", "suite")
+
+
+@dataclass(frozen=True)
+class DenseRecipe:
+    """How a dense table (detection, segmentation: ``runner="dense"``, runners/dense.py) is measured at one scale.
+    A row finetunes its mm config (Row.config: a repbench example config inheriting the stock one) with its own
+    backbone; what a scale changes is here, the rest is the stock config's (its lr, optimizer, losses, pipelines).
+
+    The batch is the stock config's as the paper ran it: ``batch`` images per device on the config's devices (mmdet
+    1x: 8 x 2 = 16, its ``auto_scale_lr.base_batch_size``; mmseg ``4xb2``: 4 x 2). A run on fewer devices keeps that
+    global batch by gradient accumulation (MMEngine's ``accumulative_counts``) and the config's lr; a recipe that sets
+    its own ``batch`` below the config's (smoke, mini) trains at that global batch with the lr scaled linearly to it
+    (mmdet's auto_scale_lr rule), recorded with the run."""
+
+    iters: int | None = None          # optimizer steps (None: the config's own schedule: mmdet 1x, mmseg 40k)
+    batch: int | None = None          # images per device (None: the config's, at its global batch)
+    image_scale: tuple[int, int] | None = None  # (w, h) of the pipelines' Resize / crop (None: the config's)
+    constant_lr: bool = False         # no warm-up, no decay (smoke: a few steps)
+    data: str = "real"                # "tiny": COCO / Cityscapes generated in their formats; "real": checked there
+    tiny_images: int = 4              # per split, when generated
+    pretrained: str = "suite"         # "suite": the classification run's final weights (PRETRAINED); "none": random
+    pretrained_scale: str = "paper"   # the scale of that classification run
+    cost_batch: int | None = None     # images per device of the cost probes' fixed batch (None: ``batch``)
+    cost_warmup: int = 1
+    cost_steps: int = 2
+    memory_cap_gb: float = 16.0       # CPU memory probes run under this cap; beyond it the result is "OOM"
+    seeds: int = 1
+    seed_spread: float = 1.0          # points of mAP / mIoU: a row whose seeds' std exceeds it is flagged
+    follows: str = "code"             # the stock configs are the official code's; a dense recipe has no text variant
+
+    def __post_init__(self):
+        if self.data not in DENSE_DATA:
+            raise ValueError(f"unknown dense data {self.data!r}; expected one of {DENSE_DATA}")
+        if self.pretrained not in PRETRAINED:
+            raise ValueError(f"unknown pretrained {self.pretrained!r}; expected one of {PRETRAINED}")
+        if self.pretrained_scale not in SCALES:
+            raise ValueError(f"unknown pretrained scale {self.pretrained_scale!r}; expected one of {SCALES}")
+
+    def following(self, source: str) -> "DenseRecipe":
+        if source not in ("code", "paper"):
+            raise ValueError(f"unknown recipe source {source!r} (code or paper)")
+        return self
+
+    def switches(self) -> dict:
+        return {"schedule": f"{self.iters} iterations" + (", constant lr" if self.constant_lr else "")
+                if self.iters else "the config's", "data": self.data,
+                "image scale": f"{self.image_scale[0]}x{self.image_scale[1]}" if self.image_scale else "the config's",
+                "pretrained": f"the {self.pretrained_scale}-scale classification run" if self.pretrained == "suite"
+                else "none (random initialisation)"}
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["image_scale"] = list(self.image_scale) if self.image_scale else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DenseRecipe":
+        return cls(**{**d, "image_scale": tuple(d["image_scale"]) if d.get("image_scale") else None})
+
+
 @dataclass(frozen=True)
 class Resources:
     """What one run of a scale asks a cluster for, per device (runners/slurm.py). Not part of a run's identity: it
@@ -405,7 +474,7 @@ class Table:
     baselines: dict[str, str] = field(default_factory=dict)  # group -> the row whose cost ratios are 1.0
     paper_regime: tuple[int, int] | None = (64, 224)          # per-device batch x resolution of the paper's costs
     accuracy_tolerance: float = 0.3                            # points of top-1 (DESIGN.md, Scales)
-    runner: str = "classification"                            # classification | dense (dense: declared only)
+    runner: str = "classification"                            # classification | dense (recipes: DenseRecipe)
     claims: tuple[Claim, ...] = ()
     orderings: tuple[Ordering, ...] = ()
     chain: bool = False                                        # rows add components one by one (Figure 8)
@@ -415,7 +484,12 @@ class Table:
     #                                 RepOptimizers Table 1's ImageNet parameters); None: the dataset's classes
 
     def __post_init__(self):
-        if self.num_classes and any(r.train_accuracy for r in self.recipes.values()):
+        kind = DenseRecipe if self.runner == "dense" else Recipe
+        if any(not isinstance(r, kind) for r in self.recipes.values()):
+            raise ValueError(f"{self.paper}.{self.name}: a {self.runner} table's recipes are {kind.__name__}s")
+        if self.runner == "dense" and self.recipes and any(not row.config for row in self.rows if not row.declared):
+            raise ValueError(f"{self.paper}.{self.name}: every run row of a dense table names its mm config")
+        if self.num_classes and any(getattr(r, "train_accuracy", False) for r in self.recipes.values()):
             raise ValueError(f"{self.paper}.{self.name}: a fixed head size is for tables that train nothing")
         for row in self.rows:
             if set(row.recipe) - set(self.recipes):
