@@ -54,6 +54,7 @@ class Section:
     busy: list[str] = field(default_factory=list)  # rows timed while the machine was busy
     departures: list[str] = field(default_factory=list)  # rows with a recipe of their own (Row.recipe), what differs
     recipe_text: str = ""             # the recipe in words (a classification or a dense recipe)
+    deployed: list[str] = field(default_factory=list)  # dense rows: the metric of the trained and the deployed model
 
     def family(self, title: str) -> Family:
         return next(f for f in self.families if f.title == title)
@@ -448,6 +449,14 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
     departures = [f"{row.name}: " + ", ".join(f"{k} {v}" for k, v in row.recipe[scale].items()
                                               if getattr(recipe, k) != v)
                   for row in table.rows if any(getattr(recipe, k) != v for k, v in row.recipe.get(scale, {}).items())]
+    deployed = []
+    for r in rows.values():  # a dense run evaluates its model again after deploying it: the two must agree
+        for name in ("map", "miou") if len(r.metrics) else ():
+            trained, again = r.values(name).value, r.values(f"{name}_deployed").value
+            if len(trained) and len(again):
+                same = all(abs(a - b) <= 1e-6 for a, b in zip(trained, again))
+                deployed.append(f"{r.row.name}: {METRICS[name].label} {trained.mean():.2f} trained, "
+                                f"{again.mean():.2f} deployed ({'equal' if same else 'DIFFERENT'})")
     if table.runner == "dense":
         text = "; ".join(f"{k} {v}" for k, v in recipe.switches().items()) + (
             f"; {recipe.batch} image(s) per device" if recipe.batch else "; the config's batch")
@@ -457,7 +466,7 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
     return Section(scale, recipe.as_dict(), regime, devices, families,
                    [judge_claim(c, table, rows, at_paper_regime) for c in table.claims]
                    + [judge_ordering(o, table, rows) for o in table.orderings],
-                   [r.where() for r in rows.values()], plot, table.chain, points, superseded, busy, departures, text)
+                   [r.where() for r in rows.values()], plot, table.chain, points, superseded, busy, departures, text, deployed)
 
 
 def build_table_report(table: Table, store) -> dict:

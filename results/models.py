@@ -143,7 +143,8 @@ class Environment(Base):
 
 # scales: a Hyper-Search run's scales file; input_scales: the file a RepOpt target run consumed (its lineage: the
 # path and sha256 of another run's artifact)
-ARTIFACT_KINDS = ("checkpoint", "log", "weights_train", "weights_deploy", "scales", "input_scales")
+ARTIFACT_KINDS = ("checkpoint", "log", "weights_train", "weights_deploy", "scales", "input_scales",
+                  "input_weights")  # input_*: what a run consumed (a RepOpt row's scales, a dense row's backbone)
 
 
 class Artifact(Base):

@@ -269,10 +269,8 @@ def _dense_pretrained(store_url: str, table, rows, args) -> tuple[dict[str, dict
     run to do first when there is none (a dry run shows the plan without it, and that line as a note)."""
     recipe = table.recipes[args.scale]
     found = dict(args.pretrained)
-    if recipe.pretrained != "suite" or all(row.name in found for row in rows):
-        return found, None
     from results import SchemaMissing, Store
-    from runners.dense import find_pretrained
+    from runners.dense import find_pretrained, origin_of_file
     from runners.jobs import _model_of
     store = None
     if not (store_url.startswith("sqlite:///") and not Path(store_url[len("sqlite:///"):]).exists()):
@@ -281,7 +279,9 @@ def _dense_pretrained(store_url: str, table, rows, args) -> tuple[dict[str, dict
         except (SchemaMissing, StoreError):
             store = None
     try:
-        for row in rows:
+        for name, given in found.items():  # a file this suite wrote: the run it came from is its lineage
+            given.update(origin_of_file(store, given["sha256"]) if store else {})
+        for row in rows if recipe.pretrained == "suite" else ():
             if row.name in found:
                 continue
             model = _model_of(row)
@@ -731,13 +731,13 @@ def cmd_finetune(argv, console: Console) -> int:
     url = _checked_url(args.db, must_exist=False)
     public_url, secret_env = split_secret(url)
     artifacts = str(resolve_artifacts_root(args.artifacts))
-    job, table = finetune.plan_job(args, data_root, public_url, artifacts)
-    args.scale = job.spec.scale
     from results import Store
     try:
         store = Store(url)
     except StoreError as e:
         raise BadInput(str(e)) from None
+    job, table = finetune.plan_job(args, data_root, public_url, artifacts, store)
+    args.scale = job.spec.scale
     os.environ.update(secret_env)
     from runners.executors import LocalExecutor
     from runners.jobs import COMMAND_ENV
@@ -757,8 +757,11 @@ def cmd_finetune(argv, console: Console) -> int:
 
 def cmd_report(argv, console: Console) -> int:
     args = report_parser().parse_args(argv)
+    finetunes = args.table in ("finetune", "repbench.finetune")
+    if not finetunes and args.table != "all":
+        _table(args.table)  # an unknown table is bad input before the database is looked at
     url = _checked_url(args.db, must_exist=True)
-    if args.table in ("finetune", "repbench.finetune"):  # its rows are the finetune runs in the database
+    if finetunes:  # its rows are the finetune runs in the database
         from results import Store
         from runners.finetune import table_from_store
         store = Store(url, migrate=False)

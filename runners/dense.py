@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -342,14 +341,29 @@ def find_pretrained(store, arch: str, rep: str, variant: dict, scale: str, paper
     for run in runs:
         files = store.artifacts_frame(run.id)
         files = files[files.kind == "weights_train"]
-        if files.empty:
-            continue
-        metrics = store.metrics_frame(run.table_name)
-        top1 = metrics[(metrics.run_id == run.id) & (metrics.name == "top1")].value
-        return {"path": files.path.iloc[-1], "sha256": files.sha256.iloc[-1], "run_key": run.run_key,
-                "table": run.table_name, "row": run.row_name, "scale": run.scale,
-                "top1": float(top1.iloc[-1]) if len(top1) else None}
+        if not files.empty:
+            return {"path": files.path.iloc[-1], "sha256": files.sha256.iloc[-1], **_origin(store, run)}
     return None
+
+
+def origin_of_file(store, sha256: str) -> dict:
+    """Where a user's checkpoint came from, when this suite wrote it: the finished run that recorded final weights
+    with this sha256 (``{"run_key", "table", "row", "scale", "top1"}``), else {}."""
+    files = store.artifacts_frame()
+    files = files[files.kind.isin(("weights_train", "weights_deploy")) & (files.sha256 == sha256)]
+    runs = store.runs_frame()
+    for run_id in files.run_id:
+        run = runs[(runs.id == run_id) & (runs.status == "finished")]
+        if len(run):
+            return _origin(store, next(run.itertuples()))
+    return {}
+
+
+def _origin(store, run) -> dict:
+    metrics = store.metrics_frame(run.table_name)
+    top1 = metrics[(metrics.run_id == run.id) & (metrics.name == "top1")].value
+    return {"run_key": run.run_key, "table": run.table_name, "row": run.row_name, "scale": run.scale,
+            "top1": float(top1.iloc[-1]) if len(top1) else None}
 
 
 def dense_train_step(cfg_dict: dict, device: str):

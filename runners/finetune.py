@@ -4,8 +4,8 @@ The run goes through the same job path as a dense table's row (runners/dense.py)
 checkpoint verified by its sha256 and recorded as the run's input, the cost probes, training through MMEngine's
 Runner, evaluation with the config's metric, and the model deployed and evaluated again. It is stored under the table
 ``repbench.finetune`` with the row ``<config>/<arch>:<rep>[:<variant>]``; ``run_suite report finetune`` shows every
-such run with its lineage. Its scale is ``paper`` when the config's own schedule and batch run, ``mini`` when
-``--iters`` or ``--batch`` shorten them.
+such run with its lineage. Its scale is ``paper`` when the config's own schedule, batch and images run, ``mini``
+when ``--iters``, ``--batch`` or ``--image-scale`` change them.
 """
 
 from __future__ import annotations
@@ -37,12 +37,24 @@ def parser() -> argparse.ArgumentParser:
                    help="processes (one per device); the config's global batch is kept by accumulation")
     p.add_argument("--iters", type=int, help="train this many steps instead of the config's schedule (scale mini)")
     p.add_argument("--batch", type=int, help="images per device instead of the config's; lr scaled linearly")
+    p.add_argument("--image-scale", type=_scale, metavar="W,H",
+                   help="resize (and crop) the images to W,H instead of the config's scale (scale mini)")
     p.add_argument("--freeze", default="paper", choices=("paper", "fair"),
                    help="the freezing reading (backbones/mm.py frozen_indices; default paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--db", help="database URL (same precedence as runs)")
     p.add_argument("--artifacts", metavar="DIR", help="logs and work dirs (same default as runs)")
     return p
+
+
+def _scale(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected W,H (e.g. 128,96)") from None
+    if w < 32 or h < 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 32,32")
+    return w, h
 
 
 def parse_backbone(text: str) -> tuple[str, str, str | None]:
@@ -91,8 +103,9 @@ def table_from_store(store):
     return type(t)(**{**{f: getattr(t, f) for f in t.__dataclass_fields__}, "recipes": recipes or t.recipes})
 
 
-def plan_job(args, data_root: Path, url: str, artifacts: str):
-    """The finetune run as a job (jobs.Job) and its one-row table, from checked arguments."""
+def plan_job(args, data_root: Path, url: str, artifacts: str, store):
+    """The finetune run as a job (jobs.Job) and its one-row table, from checked arguments; a ``--pretrained`` file
+    this suite wrote is traced to its run in ``store`` (the lineage)."""
     from results import RunSpec
     from suites import DenseRecipe, Row
     from . import dense
@@ -100,14 +113,18 @@ def plan_job(args, data_root: Path, url: str, artifacts: str):
     arch, rep, variant = parse_backbone(args.backbone)
     config = str(args.config)
     path = dense.config_path(config)
-    shortened = args.iters is not None or args.batch is not None
+    shortened = args.iters is not None or args.batch is not None or args.image_scale is not None
     scale = "mini" if shortened else "paper"
-    recipe = DenseRecipe(iters=args.iters, batch=args.batch, data="real", pretrained="none")
+    recipe = DenseRecipe(iters=args.iters, batch=args.batch, image_scale=args.image_scale, data="real",
+                         pretrained="none")
     row = Row(row_name(config, arch, rep, variant), arch, rep, variant, config=config, freeze=args.freeze)
     dense_block = {"config": config if path == dense.CONFIGS / config else str(path.resolve()),
                    "config_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "freeze": args.freeze,
                    **({"cfg_options": dict(args.cfg_options)} if args.cfg_options else {})}
-    pretrained = {"sha256": sha256_of(Path(args.pretrained)), "source": "file"} if args.pretrained else None
+    pretrained = None
+    if args.pretrained:
+        sha = sha256_of(Path(args.pretrained))
+        pretrained = {"sha256": sha, "source": "file", **dense.origin_of_file(store, sha)}
     c = {"table": KEY, "row": row.name, "scale": scale, "seed": args.seed, **_model_of(row), "baseline": None,
          "dense": dense_block, "recipe": recipe.as_dict(), **dense.batch_plan(recipe, config, args.devices),
          "metrics": list(METRICS), "code": code_fingerprint(), **({"pretrained": pretrained} if pretrained else {})}

@@ -20,5 +20,5 @@ def get_table(name: str) -> Table:
     raise KeyError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
 
 
-__all__ = ["METRICS", "OPTIMIZERS", "SCALES", "PAPERS", "TABLES", "Claim", "DyRep", "MetricSpec", "Ordering", "PaperValue", "Recipe", "Row", "Scales", "Structure", "Table",
+__all__ = ["METRICS", "OPTIMIZERS", "SCALES", "PAPERS", "TABLES", "Claim", "DenseRecipe", "DyRep", "MetricSpec", "Ordering", "PaperValue", "Recipe", "Row", "Scales", "Structure", "Table",
            "get_table"]
