@@ -199,7 +199,7 @@ def _validated_run(args):
         raise BadInput(f"--data-root {data_root} is not a directory")
     # the data of every row, and of the runs the rows consume (RepOpt rows: their Hyper-Search)
     needed = [recipe.dataset for recipe in recipes.values()]
-    for row in rows:
+    for row in rows if table.runner == "classification" else ():  # a dense row's scales served its pretraining
         if row.scales is not None and row.scales.upstream and args.scales is None:
             source = _table(row.scales.table)
             needed.append(row_recipe(source, args.scale, source.row(row.scales.row), args.follow, data_root).dataset)

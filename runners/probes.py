@@ -411,6 +411,10 @@ def _run_capped_here(fn, args: tuple, cap_bytes: int, threads: int) -> tuple[str
     if status is None:
         if exitcode in (-9, 137):
             return "oom", None, method, threads
+        if exitcode == -signal.SIGSEGV and not cgroup:
+            # under RLIMIT_AS an allocation that native code does not check (a thread's stack, an OpenMP buffer)
+            # fails as a segfault rather than a MemoryError: the cap was reached
+            return "oom", None, method + "; the child crashed (SIGSEGV) at the limit", threads
         return "error", f"memory probe child exited with code {exitcode}", method, threads
     return status, result, method, threads
 

@@ -446,6 +446,21 @@ class DenseRecipe:
         return cls(**{**d, "image_scale": tuple(d["image_scale"]) if d.get("image_scale") else None})
 
 
+# Dense recipes (runners/dense.py), shared by every dense table. Smoke: one step of every row (2 images: PSPNet's
+# pooled BN needs 2) on COCO / Cityscapes generated tiny, from random initialisation (no classification run needed);
+# mini: 40 steps on a larger tiny set, still from scratch (the path at a size where the loss moves, not the paper's
+# comparison); paper: the stock schedules on the real data, from the paper-scale ImageNet runs of the same backbones
+# (e.g. OREPA Table 4's ResNet-50 rows), the paper's devices and batch.
+DENSE_RECIPES = {
+    "smoke": DenseRecipe(iters=1, batch=2, image_scale=(96, 64), constant_lr=True, data="tiny", pretrained="none",
+                         cost_warmup=0, cost_steps=1),
+    "mini": DenseRecipe(iters=40, batch=2, image_scale=(160, 128), data="tiny", tiny_images=16, pretrained="none",
+                        cost_steps=5),
+    "paper": DenseRecipe(data="real", pretrained="suite", pretrained_scale="paper", cost_warmup=2, cost_steps=10,
+                         memory_cap_gb=64.0),
+}
+
+
 @dataclass(frozen=True)
 class Resources:
     """What one run of a scale asks a cluster for, per device (runners/slurm.py). Not part of a run's identity: it

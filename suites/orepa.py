@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .base import Claim, DenseRecipe, PaperValue, Recipe, Row, Table
+from .base import DENSE_RECIPES, Claim, PaperValue, Recipe, Row, Table
 
 PAPER = "orepa"
 
@@ -220,19 +220,6 @@ def _dense_rows(model, metric, values):
              "time_per_50_steps": PaperValue(time, f"{_T5}, {model} / {label}")}, config=_T5_CONFIGS[model])
         for label, rep, (acc, mem, time) in zip(("None", "DBB", "OREPA"), ("none", "dbb", "orepa"), values))
 
-
-# Dense recipes (runners/dense.py). Smoke: one step of every row (2 images: PSPNet's pooled BN needs 2) on COCO /
-# Cityscapes generated tiny, from random initialisation (no classification run needed); mini: 40 steps on a larger tiny set, still from scratch (the path at
-# a size where the loss moves, not the paper's comparison); paper: the stock schedules on the real data from the
-# paper-scale ImageNet runs of the same backbones (Table 4's ResNet-50 rows), the paper's devices and batch.
-DENSE_RECIPES = {
-    "smoke": DenseRecipe(iters=1, batch=2, image_scale=(96, 64), constant_lr=True, data="tiny", pretrained="none",
-                         cost_warmup=0, cost_steps=1),
-    "mini": DenseRecipe(iters=40, batch=2, image_scale=(160, 128), data="tiny", tiny_images=16, pretrained="none",
-                        cost_steps=5),
-    "paper": DenseRecipe(data="real", pretrained="suite", pretrained_scale="paper", cost_warmup=2, cost_steps=10,
-                         memory_cap_gb=64.0),
-}
 
 TABLE5 = Table(
     PAPER, "table5", "COCO and Cityscapes with pretrained ResNet-50 backbones", _T5,

@@ -700,15 +700,43 @@ def test_two_process_ddp_training_grows_the_same_conv_on_both_ranks_and_keeps_th
     assert grown and any(float((w - GAMMA).abs().max()) > 0 for w in grown)  # trained past their initial 0.01
 
 
-def test_table5_is_declared_for_the_dense_runner_and_its_report_shows_the_printed_values(tmp_path):
-    """dyrep.table5 (FPN / PSPNet finetuning) has no runner yet: running it is a one-line error (exit 2); its report,
-    before anything ran, lists every printed value and says it is declared."""
+def test_table5_runs_its_c_rows_and_declares_growth_during_finetuning(tmp_path):
+    """dyrep.table5 runs Origin, DBB (C) and DyRep (C) through the dense runner; the D and C+D rows (growth during
+    the downstream training) are declared: naming one is a one-line error (exit 2). The report, before anything
+    ran, lists every printed value."""
     import suites
     from reports.build import build_table_report
     from reports.render import render_markdown
     from test_cli import run_cli
-    done = run_cli("dyrep.table5", "--dry-run", cwd=tmp_path)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "declared" in done.stderr
-    text = render_markdown(build_table_report(suites.get_table("dyrep.table5"), None))
-    assert "it is declared (printed values only); its runner (dense)" in text
-    assert "| DyRep (C+D) | 77.08 | 38.1 | 78.49 |" in text and "| Origin | 76.13 | 37.4 | 77.85 |" in text
+    table = suites.get_table("dyrep.table5")
+    assert [r.name for r in table.rows if not r.declared] == [
+        f"{m}/{n}" for m in ("FPN", "PSPNet") for n in ("Origin", "DBB (C)", "DyRep (C)")]
+    done = run_cli("dyrep.table5", "--only", "FPN/DyRep (D)", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "not built" in done.stderr
+    text = render_markdown(build_table_report(table, None))
+    assert "| FPN/DyRep (C+D) | 77.08 | 38.1 | – |" in text and "| PSPNet/Origin | 76.13 | – | 77.85 |" in text
+
+
+def test_a_dyrep_c_backbone_loads_its_grown_structure_into_the_mm_backbone(tmp_path):
+    """DyRep (C): the downstream backbone starts from the grown ImageNet network. Its checkpoint's events grow the mm
+    backbone's plain ResNet the same way before the strict load: the backbone's features equal the grown
+    classifier's (float32: the backbone is built, and loads, in float32)."""
+    from dataclasses import asdict
+    from backbones import save_checkpoint
+    from backbones.mm import ResNet
+    from runners.dyrep import DyRep
+    torch.manual_seed(0)
+    net = randomize(build_classifier("resnet18", "dyrep", 10))
+    dyrep = DyRep(net)
+    dyrep.saliency.counts = {"layer2.0.conv1.conv": 1, "layer3.1.conv2.conv": 1}
+    dyrep.saliency.sums = {"synflow": {"layer2.0.conv1.conv": 1.0, "layer3.1.conv2.conv": 2.0}}
+    dyrep.adjust(0)
+    assert dyrep.events and dyrep.events[0].site == "layer3.1.conv2.conv"
+    _perturb(net, 1)
+    path = save_checkpoint(net, tmp_path / "w.pth", events=[asdict(e) for e in dyrep.events])
+    backbone = ResNet(depth=18, rep="dyrep", pretrained=str(path), out_indices=(0, 1, 2, 3)).eval()
+    assert backbone.net.get_submodule("layer3.1.conv2.conv").branches  # grown before the load
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        mine, theirs = backbone(x), net.eval().forward_features(x)
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
