@@ -110,21 +110,24 @@ def test_table5_smoke_fills_its_rows_beside_the_papers(tmp_path):
 
 
 def test_finetune_stores_a_run_with_its_lineage_and_the_report_shows_it(tmp_path):
-    """``run_suite finetune`` on the tiny COCO set with a checkpoint from outside the database: one run of the
-    ``repbench.finetune`` table (scale mini: a shortened schedule), the file's sha256 as its input, the model
-    deployed and evaluated again; ``run_suite report finetune`` shows the row and where its weights came from. A
+    """``run_suite finetune`` on the tiny COCO set with a checkpoint from outside the database, trained by two
+    processes (DDP over gloo): one run of the ``repbench.finetune`` table (scale mini: a shortened schedule), the
+    file's sha256 as its input, the model deployed and evaluated again; ``run_suite report finetune`` shows the row and where its weights came from. A
     second identical call has nothing to do."""
     ensure_tiny_coco(tmp_path / "data")
     ckpt = save_checkpoint(build_classifier("resnet50", "orepa", num_classes=10), tmp_path / "mine.pth")
     db = f"sqlite:///{tmp_path / 'db.sqlite'}"
     argv = ("finetune", "mmdet/retinanet_repbench-orepa-r50_fpn_1x_coco.py", "--backbone", "resnet50:orepa",
             "--pretrained", str(ckpt), "--data-root", str(tmp_path / "data"), "--iters", "1", "--batch", "2",
-            "--image-scale", "96,64", "--db", db, "--artifacts", str(tmp_path / "art"))
+            "--image-scale", "96,64", "--devices", "2", "--db", db, "--artifacts", str(tmp_path / "art"))
     done = run_cli(*argv, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     row = "retinanet_repbench-orepa-r50_fpn_1x_coco/resnet50:orepa"
     assert db_rows(tmp_path / "db.sqlite", "SELECT table_name, row_name, scale, status FROM runs") == [
         ("repbench.finetune", row, "mini", "finished")]
+    params = dict(db_rows(tmp_path / "db.sqlite", "SELECT key, value FROM params"))
+    assert (params["world_size"], params["global_batch"], params["grad_accum"]) == ("2", "4", "1")
+    assert params["pretrained.sha256"] == f'"{sha256_of(ckpt)}"'
     names = {name for (name,) in db_rows(tmp_path / "db.sqlite", "SELECT name FROM metrics")}
     assert {"map", "map_deployed", "train_memory", "time_per_50_steps"} <= names
     again = run_cli(*argv, cwd=tmp_path)
