@@ -118,6 +118,8 @@ def load_state(model: nn.Module, ckpt: dict, path: str) -> dict:
                               + (" (call backbones.deploy(model) first)" if ckpt_form == "deploy" else ""))
     for key in ("arch", "rep"):
         want, got = getattr(model, key, None), ckpt[key]
+        if key == "rep" and (got, want) == ("none", "dyrep"):
+            continue  # DyRep starts as the plain network (same parameters): a plain run's weights are its start
         if want is not None and got is not None and want != got:
             raise CheckpointError(f"{path} was saved from {key}={got!r}, the model has {key}={want!r}")
     events = (ckpt.get("meta") or {}).get("events")

@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -237,7 +238,7 @@ def _validated_dense(table, rows, args, data_root) -> None:
     recipe = table.recipes[args.scale]
     try:
         for row in rows:
-            batch_plan(recipe, row.config, args.devices)
+            batch_plan(table.recipe(args.scale, row), row.config, args.devices)
     except ValueError as e:
         raise BadInput(f"--devices {args.devices}: {table.key} at {args.scale}: {e}") from None
     given = {}
@@ -284,16 +285,18 @@ def _dense_pretrained(store_url: str, table, rows, args) -> tuple[dict[str, dict
         for row in rows if recipe.pretrained == "suite" else ():
             if row.name in found:
                 continue
-            model = _model_of(row)
+            model = _model_of(replace(row, rep=row.pretrained_rep, variant=None, dyrep=None, recipe={})
+                              if row.pretrained_rep else row)
             hit = store and find_pretrained(store, model["arch"], model["rep"], model["variant"],
                                             recipe.pretrained_scale, table.paper)
             if not hit:
                 source = next((f"'run_suite {t.key} --scale {recipe.pretrained_scale} --only \"{r.name}\"'"
-                               for t in suites.TABLES.values() if t.runner == "classification"
+                               for t in sorted(suites.TABLES.values(), key=lambda t: t.paper != table.paper)
+                               if t.runner == "classification"
                                and recipe.pretrained_scale in t.recipes for r in t.rows
                                if not r.declared and _model_of(r) == model), "a classification run of it")
                 line = (f"{table.key} / {row.name} starts from the final weights of a {recipe.pretrained_scale}-scale "
-                        f"classification run of {row.arch}/{row.rep}, and the database has none: run {source} first, "
+                        f"classification run of {row.arch}/{model['rep']}, and the database has none: run {source} first, "
                         f"or give --pretrained '{row.name}=PATH'")
                 if args.dry_run:
                     return found, line

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -302,9 +303,10 @@ def dense_config(config: str | Path, data_root: Path, work_dir: Path, *, backbon
 METRIC_KEYS = {"mmdet": ("coco/bbox_mAP", "bbox_mAP"), "mmseg": ("mIoU", "mIoU")}  # Runner key -> stored name
 
 
-def train_and_evaluate(cfg) -> tuple[object, dict[str, float]]:
-    """Train ``cfg`` with MMEngine's Runner and evaluate on its val set with the config's metric; returns the runner
-    (its model trained) and the metrics (``bbox_mAP`` in [0, 1] from CocoMetric, ``mIoU`` in % from IoUMetric)."""
+def train_and_evaluate(cfg, hooks=()) -> tuple[object, dict[str, float]]:
+    """Train ``cfg`` with MMEngine's Runner (and ``hooks``, objects registered beside the config's) and evaluate on
+    its val set with the config's metric; returns the runner (its model trained) and the metrics (``bbox_mAP`` in
+    [0, 1] from CocoMetric, ``mIoU`` in % from IoUMetric)."""
     from mmengine.registry import init_default_scope
     from mmengine.runner import Runner
 
@@ -314,6 +316,8 @@ def train_and_evaluate(cfg) -> tuple[object, dict[str, float]]:
     hush = contextlib.redirect_stdout(io.StringIO()) if cfg.get("log_level") == "ERROR" else contextlib.nullcontext()
     with hush:
         runner = Runner.from_cfg(cfg)
+        for hook in hooks:
+            runner.register_hook(hook)
         runner.train()
         metrics = runner.val_loop.run()
     key, name = METRIC_KEYS[scope]
@@ -498,7 +502,7 @@ def execute(store, claim, job, device: str, dist) -> str:
 
     def log(line: str) -> None:
         line = f"{job.label}: {line}"
-        print(line, flush=True)
+        print(line, file=sys.__stdout__, flush=True)  # also while a quiet run hushes MMEngine's stdout
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(log_file, "a") as handle:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
@@ -534,7 +538,23 @@ def execute(store, claim, job, device: str, dist) -> str:
         f"{'iterations' if 'max_iters' in cfg.train_cfg else 'epochs'}, {c['world_size']} process(es) x "
         f"{c['grad_accum']} x {c['per_device_batch']} = global batch {c['global_batch']}, lr {c['lr']:g}, "
         f"pretrained: {c['pretrained']['table'] + ' / ' + c['pretrained']['row'] if c.get('pretrained', {}).get('table') else ('file' if pretrained else 'none')}")
-    runner, metrics = train_and_evaluate(cfg)
+    hooks = []
+    if c.get("dyrep"):  # DyRep grows the backbone during the finetuning (DyRep Table 5's "D"); events stored
+        from dataclasses import asdict
+
+        from .dyrep import DyRepHook
+        d = c["dyrep"]
+
+        def on_events(events):
+            store.log_events(claim.run_id, [asdict(e) for e in events], owner=claim.owner)
+            for e in events:
+                log(f"DyRep after step {e.epoch + 1}: {e.kind} {e.site} {' '.join(e.branches)}")
+
+        hooks.append(DyRepHook(metric=d["metric"], rule=d["rule"], gamma=d["gamma"], recal_batches=d["recal_batches"],
+                               seed=c["seed"], dep=d["dep"], on_events=on_events if dist.is_main else None,
+                               module="backbone.net", ops=d.get("ops", "dyrep"), every=recipe.dyrep_every,
+                               until=recipe.dyrep_until))
+    runner, metrics = train_and_evaluate(cfg, hooks)
     how = (f"on {len(runner.val_dataloader.dataset)} {TASKS[task]} val images after {runner.iter} steps "
            f"({c['world_size']} process(es) x {c['grad_accum']} x {c['per_device_batch']}, lr {c['lr']:g}; "
            f"MMEngine Runner, {'mmdet CocoMetric' if task == 'mmdet' else 'mmseg IoUMetric'})")

@@ -373,9 +373,16 @@ class DyRepHook(Hook):
 
     def __init__(self, interval: int = 1, max_epoch: int | None = None, metric: str = "synflow",
                  rule: str = "code", gamma: float = GAMMA, recal_batches: int = 20, seed: int = 0, dep: bool = True,
-                 on_events=None, module: str = "", ops: str = "dyrep"):
+                 on_events=None, module: str = "", ops: str = "dyrep", every: float | None = None,
+                 until: float = 1.0):
         if ops not in OP_SPACES:
             raise ValueError(f"unknown op space {ops!r}; expected one of {sorted(OP_SPACES)}")
+        if every is not None and not (0 < every <= 1 and 0 < until <= 1):
+            raise ValueError(f"every={every}, until={until}: fractions of the run's steps in (0, 1]")
+        # ``every`` / ``until``: adjust by optimizer step instead of by epoch, after every ``every`` of the run's steps
+        # (runner.max_iters) before ``until`` of them (a downstream finetuning, epoch- or iteration-based alike;
+        # the events' "epoch" is then the step index); ``interval`` / ``max_epoch`` are then derived from them
+        self.every, self.until = every, until
         self.settings = dict(metric=metric, interval=interval, max_epoch=max_epoch, rule=rule, gamma=gamma,
                              seed=seed, dep=dep, ops=OP_SPACES[ops])
         self.recal_batches = recal_batches
@@ -401,6 +408,9 @@ class DyRepHook(Hook):
 
     def before_train(self, runner):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        if self.every is not None:
+            steps = runner.max_iters
+            self.settings.update(interval=max(1, round(self.every * steps)), max_epoch=int(self.until * steps))
 
         def loss_fn():  # the step's loss on the unwrapped model (no DDP gradient hooks), as train_step computes it
             losses = model._run_forward(model.data_preprocessor(self._batch, True), mode="loss")
@@ -414,20 +424,37 @@ class DyRepHook(Hook):
 
     def after_train_epoch(self, runner):
         # runner.epoch is still the epoch just trained here (MMEngine advances it after this hook)
-        if not self.dyrep.due(runner.epoch):
+        if self.every is None:
+            self._adjust(runner, runner.epoch)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if self.every is not None:  # runner.iter is still the step just taken here
+            self._adjust(runner, runner.iter)
+
+    def _adjust(self, runner, index: int) -> None:
+        if not self.dyrep.due(index):
             return
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
 
         def forward(batch):  # an MMEngine BaseModel: its preprocessor, then forward as train_step calls it
             model._run_forward(model.data_preprocessor(batch, False), mode="tensor")
 
+        loader = runner.train_dataloader
+        if self.every is not None:
+            # by step, the loop draws from one iterator over an infinite sampler, which a second iteration of the
+            # same loader would close: the recalibration batches come from a loader of their own over the dataset
+            loader = torch.utils.data.DataLoader(
+                loader.dataset, batch_size=loader.batch_size, shuffle=True, collate_fn=loader.collate_fn,
+                generator=torch.Generator().manual_seed(self.settings["seed"] + index))
+
         def recalibrate(block):
-            batches = (b for _, b in zip(range(self.recal_batches), runner.train_dataloader))
+            batches = (b for _, b in zip(range(self.recal_batches), loader))
             recalibrate_bn(block, model, batches, forward)
 
-        events = self.dyrep.adjust(runner.epoch, recalibrate)
+        events = self.dyrep.adjust(index, recalibrate)
         for event in events:
-            runner.logger.info(f"DyRep epoch {event.epoch + 1}: {event.kind} {event.site} {' '.join(event.branches)}")
+            runner.logger.info(f"DyRep {'step' if self.every is not None else 'epoch'} {event.epoch + 1}: "
+                               f"{event.kind} {event.site} {' '.join(event.branches)}")
         if events and self.on_events is not None:
             self.on_events(events)
         self._rewrap(runner)

@@ -205,9 +205,10 @@ def _plan_dense(table, scale, seeds, rows, data_root, db_url, executor, devices,
     arithmetic of its stock config on ``devices``, the group's baseline (re-measured beside it for the cost ratios)
     and the checkpoint its backbone starts from (its sha256 and the run it came from: the lineage; not its path)."""
     from .dense import batch_plan as dense_batch_plan
-    recipe = table.recipes[scale]
     jobs = []
     for row in rows:
+        recipe = table.recipe(scale, row)
+        grows = recipe.dyrep_every is not None and row.dyrep is not None  # DyRep during the finetuning
         baseline = table.baseline_of(row)
         given = pretrained.get(row.name)
         for seed in range(seeds):
@@ -218,6 +219,7 @@ def _plan_dense(table, scale, seeds, rows, data_root, db_url, executor, devices,
                 **dense_batch_plan(recipe, row.config, devices), "metrics": list(table.metrics),
                 "code": code_fingerprint(),
                 **({"pretrained": {k: v for k, v in given.items() if k != "path"}} if given else {}),
+                **({"dyrep": row.dyrep.as_dict()} if grows else {}),
             }
             chash = config_hash({k: v for k, v in config.items() if k != "seed"})
             spec = RunSpec(run_key(table.key, row.name, scale, seed, chash), table.key, row.name, scale, seed, chash,

@@ -251,6 +251,9 @@ class Row:
     # row's arch / rep / variant), and the freezing reading (backbones/mm.py frozen_indices: "paper" or "fair")
     config: str | None = None
     freeze: str = "paper"
+    # the rep of the classification run a dense row's backbone starts from, where it is not the row's own (DyRep
+    # Table 5's "D" rows: the plain ResNet-50's weights, grown during the finetuning)
+    pretrained_rep: str | None = None
 
     def __post_init__(self):
         if self.freeze not in ("paper", "fair"):
@@ -414,6 +417,11 @@ class DenseRecipe:
     memory_cap_gb: float = 16.0       # CPU memory probes run under this cap; beyond it the result is "OOM"
     seeds: int = 1
     seed_spread: float = 1.0          # points of mAP / mIoU: a row whose seeds' std exceeds it is flagged
+    # DyRep growing during the finetuning (DyRep Table 5's "D" rows): after every ``dyrep_every`` of the run's
+    # optimizer steps before ``dyrep_until`` of them (None: no growth). The paper gives no downstream schedule; the
+    # default reading keeps its ImageNet proportions (t = 5 of 120 epochs, growth until epoch 100 of 120).
+    dyrep_every: float | None = None
+    dyrep_until: float = 100 / 120
     follows: str = "code"             # the stock configs are the official code's; a dense recipe has no text variant
 
     def __post_init__(self):

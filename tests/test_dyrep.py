@@ -700,21 +700,35 @@ def test_two_process_ddp_training_grows_the_same_conv_on_both_ranks_and_keeps_th
     assert grown and any(float((w - GAMMA).abs().max()) > 0 for w in grown)  # trained past their initial 0.01
 
 
-def test_table5_runs_its_c_rows_and_declares_growth_during_finetuning(tmp_path):
-    """dyrep.table5 runs Origin, DBB (C) and DyRep (C) through the dense runner; the D and C+D rows (growth during
-    the downstream training) are declared: naming one is a one-line error (exit 2). The report, before anything
-    ran, lists every printed value."""
+def test_table5_grows_during_finetuning_and_the_grown_segmentor_deploys(tmp_path):
+    """dyrep.table5's rows: Origin, DBB (C), DyRep (C), DyRep (D) and (C+D) per model, D starting from the plain
+    ResNet-50's run (its pretrained rep). PSPNet/DyRep (D) at smoke grows the mm backbone after each of its two
+    steps (the DyRep hook by step, sites named within the backbone's network, events stored with the run); the grown
+    segmentor is deployed and evaluates to the same mIoU. The report, before anything ran, lists the printed values."""
+    import sqlite3
+
     import suites
     from reports.build import build_table_report
     from reports.render import render_markdown
     from test_cli import run_cli
     table = suites.get_table("dyrep.table5")
-    assert [r.name for r in table.rows if not r.declared] == [
-        f"{m}/{n}" for m in ("FPN", "PSPNet") for n in ("Origin", "DBB (C)", "DyRep (C)")]
-    done = run_cli("dyrep.table5", "--only", "FPN/DyRep (D)", "--dry-run", cwd=tmp_path)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "not built" in done.stderr
+    assert not any(r.declared for r in table.rows)
+    assert table.row("FPN/DyRep (D)").pretrained_rep == "none" and table.row("FPN/DyRep (C+D)").pretrained_rep is None
+    assert table.recipe("paper", table.row("PSPNet/DyRep (D)")).dyrep_every == 5 / 120
+    assert table.recipe("paper", table.row("PSPNet/DyRep (C)")).dyrep_every is None
     text = render_markdown(build_table_report(table, None))
     assert "| FPN/DyRep (C+D) | 77.08 | 38.1 | – |" in text and "| PSPNet/Origin | 76.13 | – | 77.85 |" in text
+    db = tmp_path / "db.sqlite"
+    done = run_cli("dyrep.table5", "--only", "PSPNet/DyRep (D)", "--db", f"sqlite:///{db}", "--data-root",
+                   str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with sqlite3.connect(db) as c:
+        events = c.execute("SELECT epoch, kind, site FROM events ORDER BY epoch").fetchall()
+        values = dict(c.execute("SELECT name, value FROM metrics"))
+    assert [(e, k) for e, k, _ in events] == [(0, "grow"), (1, "grow")]
+    assert all(site.endswith(".conv") and not site.startswith("backbone") for _, _, site in events)
+    assert values["miou_deployed"] == pytest.approx(values["miou"], abs=1e-6)
+    assert "DyRep after step 1: grow" in done.stdout
 
 
 def test_a_dyrep_c_backbone_loads_its_grown_structure_into_the_mm_backbone(tmp_path):
