@@ -1,0 +1,104 @@
+"""The INT8 protocol and the kernel statistics (runners/quant.py): a deployed plain model quantized through torchao's
+PT2E flow stays within a stated bound of the float model and is really quantized; the settings that produced it are
+a record; Tables 8 / 11's standard deviations by position, of the kernel forms of RepVGG's and RepOpt-VGG's sampled
+layer."""
+
+import numpy as np
+import pytest
+import torch
+
+from backbones import build_classifier, deploy
+from backbones.blocks import RepVGGBlock
+from backbones.repopt import RepOptConvBN
+from conftest import randomize
+from runners.quant import QuantSetting, int8_forward, kernel_forms, kernel_std, quantize_ptq, sampled_layer
+
+
+def test_kernel_std_by_position():
+    """Against a route that shares nothing with the implementation: numpy's std (ddof 1) of values picked by
+    explicit loops over the positions."""
+    kernel = torch.randn(5, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    kernel[:, :, 1, 1] *= 4  # the centre spread wider, as after RepVGG's branch addition
+    values = kernel.numpy()
+    central = [values[o, i, 1, 1] for o in range(5) for i in range(4)]
+    surrounding = [values[o, i, r, c] for o in range(5) for i in range(4) for r in range(3) for c in range(3)
+                   if (r, c) != (1, 1)]
+    stats = kernel_std(kernel)
+    assert stats["kernel_std"] == pytest.approx(np.std(values.ravel(), ddof=1), rel=1e-6)
+    assert stats["kernel_std_central"] == pytest.approx(np.std(central, ddof=1), rel=1e-6)
+    assert stats["kernel_std_surrounding"] == pytest.approx(np.std(surrounding, ddof=1), rel=1e-6)
+    assert stats["kernel_std_central"] > 2 * stats["kernel_std_surrounding"]
+    with pytest.raises(ValueError, match="3x3"):
+        kernel_std(torch.zeros(2, 2, 1, 1))
+
+
+def test_the_sampled_layer_and_its_kernel_forms():
+    """RepOptimizers samples the 8th layer of B1's 16-layer stage. A RepVGG block's forms: its 3x3 branch, that
+    branch with its BN folded (gamma / sqrt(var + eps) per output channel, by hand), and the deployed kernel (what
+    deploy() puts in the conv); a RepOpt-VGG target's: the kernel it trains and that kernel with its BN folded."""
+    repvgg = randomize(build_classifier("repoptvgg_b1", "repvgg", num_classes=10))
+    block = sampled_layer(repvgg)
+    assert isinstance(block, RepVGGBlock) and block is [m for m in repvgg.stage3.children() if isinstance(m, RepVGGBlock)][7]
+    forms = kernel_forms(block)
+    bn = block.norms["origin"]
+    by_hand = block.branches["origin"].weight * (bn.weight / (bn.running_var + bn.eps).sqrt()).reshape(-1, 1, 1, 1)
+    assert torch.allclose(forms["bn_fused"], by_hand) and torch.equal(forms["raw"], block.branches["origin"].weight)
+    deployed = deploy(repvgg.eval())
+    assert torch.allclose(forms["deployed"], sampled_layer(deployed).weight, atol=1e-6)
+    # the central positions take the 1x1 and identity branches: their spread grows, the surrounding ones' does not
+    after, before = kernel_std(forms["deployed"]), kernel_std(forms["bn_fused"])
+    assert after["kernel_std_surrounding"] == pytest.approx(before["kernel_std_surrounding"], rel=1e-5)
+    assert after["kernel_std_central"] != pytest.approx(before["kernel_std_central"], rel=1e-3)
+    repopt = randomize(build_classifier("repoptvgg_b1", "repopt", num_classes=10))
+    target = sampled_layer(repopt)
+    assert isinstance(target, RepOptConvBN) and set(kernel_forms(target)) == {"raw", "bn_fused"}
+    with pytest.raises(TypeError):
+        kernel_forms(torch.nn.Conv2d(2, 2, 3))
+
+
+def plain_net() -> torch.nn.Sequential:
+    """A small plain conv net (what a re-parameterized model deploys to: convs with bias, ReLUs, a linear head)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(32, 10)).eval()
+
+
+def test_int8_outputs_stay_near_the_float_model_and_the_settings_are_recorded():
+    """A plain model through PT2E with the x86 quantizer, calibrated on 32 random images: on other random images its
+    INT8 logits are within 2% (relative L2) of the float logits, and not equal to them. The setting says how many
+    images calibrated, which quantizer and which observers; a calibration set of another size is refused."""
+    model = plain_net()
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(4)]
+    x = torch.randn(6, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        reference = model(x)
+    setting = QuantSetting(calibration_images=32)
+    out = int8_forward(quantize_ptq(model, calibration, setting), x)
+    error = float((out - reference).norm() / reference.norm())
+    assert 0 < error <= 0.02
+    record = setting.as_dict()
+    assert record["calibration_images"] == 32 and "X86InductorQuantizer" in record["quantizer"]
+    assert record["observers"] == "activations HistogramObserver, weights PerChannelMinMaxObserver"
+    assert record["deployed_first"] and record["weights"] == "int8 per_channel_symmetric"
+    assert record["activations"] == "uint8 per_tensor_affine" and record["torchao"]
+    with pytest.raises(ValueError, match="32 calibration images given"):
+        quantize_ptq(model, calibration, QuantSetting(calibration_images=16))
+
+
+def test_a_deployed_repvgg_is_quantized_layer_by_layer_and_first_last_can_stay_float():
+    """A deployed RepVGG-A0: every conv and the linear layer get INT8 weights (one per-channel weight dequantize
+    each in the reference graph); with ``first_last_float`` the first conv and the last linear keep float weights."""
+    model = deploy(build_classifier("repvgg_a0", "repvgg", num_classes=10).eval())
+    calibration = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))]
+
+    def weight_dequantizes(graph_module):
+        return sum("dequantize_per_channel" in str(n.target) for n in graph_module.graph.nodes)
+
+    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    assert layers == 23  # 22 convs and the classifier
+    assert weight_dequantizes(quantize_ptq(model, calibration, QuantSetting(calibration_images=4))) == layers
+    kept = quantize_ptq(model, calibration, QuantSetting(calibration_images=4, first_last_float=True))
+    assert weight_dequantizes(kept) == layers - 2
