@@ -297,6 +297,25 @@ def _size_family(table, rows) -> Family | None:
     return Family("Size", columns, out)
 
 
+def _statistic_family(table, rows) -> Family | None:
+    """Properties of trained weights (kernel std: RepOptimizers Tables 8, 11): printed beside measured, per metric;
+    whether their order holds is the orderings' business (the claims)."""
+    present = [n for n in table.metrics if METRICS[n].kind == "statistic"]
+    if not present:
+        return None
+    columns, out = ["row", "status"], []
+    for n in present:
+        columns += [f"{METRICS[n].label} paper", f"{METRICS[n].label} measured"]
+    for row in table.rows:
+        r = rows[row.name]
+        cells = {"row": row.name, "status": r.status}
+        for n in present:
+            cells[f"{METRICS[n].label} paper"] = row.paper[n].text if n in row.paper else "–"
+            cells[f"{METRICS[n].label} measured"] = r.measured(n, "", lambda v: f"{v:.4f}")
+        out.append(cells)
+    return Family("Statistics of trained weights", columns, out)
+
+
 def _inference_family(table, rows) -> Family | None:
     present = [n for n in INFERENCE if any(len(rows[r.name].values(n)) for r in table.rows)]
     if not present:
@@ -392,7 +411,7 @@ def lineage(store, table_key: str) -> dict[int, str]:
         who = (f"{source.table_name.iloc[0]} / {source.row_name.iloc[0]} seed {source.seed.iloc[0]} (run "
                f"{source.run_id.iloc[0]}{', ' + source.kind.iloc[0].split('_')[1] + ' form' if u.kind == 'input_weights' else ''})"
                if len(source) else f"the file {u.path}")
-        what = "scales" if u.kind == "input_scales" else "backbone weights"
+        what = "scales" if u.kind == "input_scales" else "weights"
         out[int(u.run_id)] = f"{what} from {who}, sha256 {u.sha256[:12]}"
     return out
 
@@ -434,7 +453,8 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
         families.append(_accuracy_family(table, scale, rows, accuracy, recipe.seed_spread))
     if costs:
         families.append(_cost_family(table, rows, costs, at_paper_regime))
-    families += [f for f in (_size_family(table, rows), _inference_family(table, rows)) if f is not None]
+    families += [f for f in (_statistic_family(table, rows), _size_family(table, rows),
+                             _inference_family(table, rows)) if f is not None]
     plot: dict = {}
     for name in costs + list(INFERENCE):
         for row in table.rows:

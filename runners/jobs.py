@@ -161,6 +161,14 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                 scales["run_key"] = upstream.spec.run_key
                 if all(job.spec.run_key != upstream.spec.run_key for job in jobs):
                     jobs.append(upstream)
+        measures = None
+        if row.measures is not None:  # another run's final weights, measured instead of training (planned first)
+            source = suites.get_table(row.measures[0])
+            planned = plan(source, scale, 1, [row.measures[1]], data_root, db_url, executor, devices, follow,
+                           artifacts_root, False, since_ms)  # the source row, after its own upstream (RepOpt: HS)
+            upstream = next(job for job in planned if job.spec.row_name == row.measures[1])
+            measures = {"table": row.measures[0], "row": row.measures[1], "run_key": upstream.spec.run_key}
+            jobs += [job for job in planned if all(job.spec.run_key != j.spec.run_key for j in jobs)]
         structure = None
         if row.structure is not None:  # the grown structure of another run (planned first, once)
             source = suites.get_table(row.structure.table)
@@ -182,6 +190,8 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                 **({"optimizer": row.optimizer} if row.optimizer else {}),
                 **({"dyrep": row.dyrep.as_dict()} if row.dyrep else {}),
                 **({"structure": structure} if structure else {}),
+                **({"measures": measures} if measures else {}),
+                **({"kernel_form": row.kernel_form} if row.kernel_form else {}),
                 **({"forms": list(row.forms)} if row.forms else {}),
                 **({"deployed": row.deployed} if row.deployed != "deploy" else {}),
             }
@@ -368,6 +378,12 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
                     store.finish_run(run_id, status, claim=claim, attempt_status=status)
                 return status
             recipe = Recipe.from_dict(c["recipe"])
+            if c.get("measures"):  # another run's final weights, measured (quantization tables): nothing trains
+                if dist.is_main:
+                    store.log_environment(run_id, environment(device), owner=claim.owner)
+                    _measure_weights(store, claim, job, _upstream_model(store, claim, job), recipe, float_top1=True)
+                    store.finish_run(run_id, "finished", claim=claim, attempt_status="finished")
+                return "finished"
             trains = "top1" in c["metrics"] and recipe.train_accuracy
             model = None
             fixed = _structure_events(store, job) if c.get("structure") else []  # a structure another run grew
@@ -591,6 +607,34 @@ def _counting_resolution(c: dict, recipe) -> int:
     return (table.recipe("paper", table.row(c["row"])) if "paper" in table.recipes else recipe).test_resolution
 
 
+def _upstream_model(store: Store, claim, job: Job):
+    """The train-form model of the finished run the row measures (its final weights, verified by their sha256 and
+    recorded as this run's ``input_weights``: the lineage)."""
+    from backbones import load_checkpoint
+    c = job.config
+    run = _finished_upstream(store, job, c["measures"]["run_key"], "weights")
+    files = store.artifacts_frame(run.id)
+    files = files[files.kind == "weights_train"]
+    if files.empty:
+        raise RuntimeError(f"its weights source, run {run.id} ({run.row_name}), recorded no final weights")
+    path, sha = Path(files.path.iloc[-1]), files.sha256.iloc[-1]
+    if _sha256(path) != sha:
+        raise RuntimeError(f"the weights {path} of run {run.id} ({run.row_name}) are missing or changed since they "
+                           f"were recorded (sha256 {sha[:12]})")
+    model = _seeded_build(c["seed"], c["arch"], c["rep"], c["num_classes"], c["variant"])
+    load_checkpoint(model, path)
+    store.log_artifact(claim.run_id, "input_weights", str(path), path.stat().st_size, sha, None, owner=claim.owner)
+    return model
+
+
+def _measure_weights(store: Store, claim, job: Job, model, recipe, float_top1: bool = False) -> None:
+    """The quantization metrics (runners/quant.py) of a trained model, where the table asks for them."""
+    from .quant import QUANT_METRICS, measure_trained
+    if set(QUANT_METRICS) & set(job.config["metrics"]):
+        store.log_metrics(claim.run_id, measure_trained(model, job.config, recipe, Path(job.data_root),
+                                                         float_top1=float_top1), owner=claim.owner)
+
+
 def _training_costs(store: Store, claim, job: Job, recipe, result, events: list, grown: bool,
                     context: dict) -> None:
     """What the training run itself cost, where the table asks: ``train_hours`` (wall time of the epochs x the
@@ -719,6 +763,7 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist, fixe
                            owner=owner)
     for record in result.epochs:  # epochs trained before a resume: their metrics were cleared with the retry
         on_epoch(record)
+    _measure_weights(store, claim, job, model, recipe)  # quantization tables: PTQ, kernel statistics
     events = (fixed or []) + (dyrep.dyrep.events if dyrep else [])  # the structure's changes, from the plain net
     _training_costs(store, claim, job, recipe, result, events, dyrep is not None or bool(fixed), context)
     if recipe.checkpoints:

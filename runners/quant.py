@@ -149,3 +149,73 @@ def kernel_forms(block: nn.Module) -> dict[str, Tensor]:
     if isinstance(block, RepOptConvBN):
         return {"raw": block.conv.weight, "bn_fused": block.equivalent_kernel_bias()[0]}
     raise TypeError(f"no kernel forms for {type(block).__name__}")
+
+
+# -- in a run: what a quantization table asks of a trained model --------------------------------------------------------
+
+QUANT_METRICS = ("top1_ptq", "kernel_std", "kernel_std_central", "kernel_std_surrounding")
+
+
+def default_kernel_form(rep: str) -> str:
+    """The form Table 8 reads a model's sampled kernel in: RepVGG's deployed kernel, a RepOpt-VGG target's own."""
+    return "raw" if rep == "repopt" else "deployed"
+
+
+def measure_trained(model: nn.Module, config: dict, recipe, data_root, device: str = "cpu", float_top1: bool = False
+                    ) -> list:
+    """The quantization metrics ``config["metrics"]`` asks of the trained (train-form) ``model``, as MetricRecords:
+    the sampled kernel's std in the row's form (``kernel_form``), and the PTQ INT8 top-1 of the deployed model on the
+    recipe's validation set (calibrated on ``recipe.calibration_images`` training images drawn with the run's
+    seed), with ``float_top1`` the deployed float model's top-1 on the same images too. ``model`` is not changed."""
+    import copy
+
+    from torch.utils.data import DataLoader, Subset
+
+    from backbones import deploy
+    from results import MetricRecord
+    from .data import build_datasets
+
+    wanted = set(config["metrics"])
+    records = []
+    if wanted & {"kernel_std", "kernel_std_central", "kernel_std_surrounding"}:
+        form = config.get("kernel_form") or default_kernel_form(config["rep"])
+        forms = kernel_forms(sampled_layer(model))
+        if form not in forms:
+            raise ValueError(f"the sampled layer of a {config['rep']} model has no {form!r} kernel form")
+        how = (f"std (unbiased) of the 8th 3x3 layer of the 16-layer stage, its kernel {form} "
+               f"({tuple(forms[form].shape)})")
+        where = {"kernel_std": "all positions", "kernel_std_central": "the centre",
+                 "kernel_std_surrounding": "the eight surrounding positions"}
+        records += [MetricRecord(name, value, "", method=f"{how}: {where[name]}")
+                    for name, value in kernel_std(forms[form]).items() if name in wanted]
+    if "top1_ptq" in wanted:
+        train_set, val_set = build_datasets(recipe.dataset, data_root, recipe.resolution, recipe.eval_crop,
+                                            recipe.eval_resolution)
+        if recipe.max_iters is not None:  # smoke: as the training run's own validation, a couple of batches
+            val_set = Subset(val_set, range(min(len(val_set), 2 * recipe.batch)))
+        n = min(recipe.calibration_images, len(train_set))
+        picked = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config["seed"]))[:n]
+        calibration = [x for x, _ in DataLoader(Subset(train_set, picked.tolist()), batch_size=32)]
+        deployed = deploy(copy.deepcopy(model).to("cpu").eval())
+        setting = QuantSetting(calibration_images=n)
+        context = dict(device="cpu", dtype="int8", batch=64, resolution=recipe.test_resolution)
+        with torch.no_grad():
+            finite = all(bool(torch.isfinite(deployed(x)).all()) for x in calibration)
+        if not finite:  # a diverged model: nothing to calibrate on; the number says so rather than failing the run
+            return records + [MetricRecord("top1_ptq", float("nan"), "%", method="not quantized: the deployed float "
+                                           "model's outputs on the calibration images are not finite", **context)]
+        qmodel = quantize_ptq(deployed, calibration, setting)
+        hits = total = float_hits = 0
+        for x, y in DataLoader(val_set, batch_size=64):
+            hits += int((int8_forward(qmodel, x).argmax(1) == y).sum())
+            if float_top1:
+                with torch.no_grad():
+                    float_hits += int((deployed(x).argmax(1) == y).sum())
+            total += len(y)
+        where = (f"on {total} {recipe.dataset} val images; " + ", ".join(f"{k} {v}" for k, v in
+                 setting.as_dict().items()))
+        records.append(MetricRecord("top1_ptq", 100 * hits / total, "%", method=f"INT8 PTQ top-1 {where}", **context))
+        if float_top1:
+            records.append(MetricRecord("top1", 100 * float_hits / total, "%", method=f"float top-1 of the deployed "
+                                        f"model {where.split(';')[0]}", **{**context, "dtype": "float32"}))
+    return records

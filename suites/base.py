@@ -254,8 +254,16 @@ class Row:
     # the rep of the classification run a dense row's backbone starts from, where it is not the row's own (DyRep
     # Table 5's "D" rows: the plain ResNet-50's weights, grown during the finetuning)
     pretrained_rep: str | None = None
+    # quantization tables (RepOptimizers Tables 8, 10, 11; runners/quant.py): the final weights of another run this
+    # row measures instead of training its own ((table, row), its seed 0 at the same scale, planned first), and the
+    # form of the sampled kernel its kernel_std metrics read (raw, bn_fused, deployed; None: deployed for RepVGG,
+    # raw for a RepOpt-VGG target, as Table 8 reads them)
+    measures: tuple[str, str] | None = None
+    kernel_form: str | None = None
 
     def __post_init__(self):
+        if self.kernel_form not in (None, "raw", "bn_fused", "deployed"):
+            raise ValueError(f"{self.name}: kernel_form {self.kernel_form!r}: expected raw, bn_fused or deployed")
         if self.freeze not in ("paper", "fair"):
             raise ValueError(f"{self.name}: freeze {self.freeze!r}: expected paper or fair")
         if set(self.forms) - {"train", "srep", "linear"}:
@@ -338,6 +346,7 @@ class Recipe:
     latency_batch: int = 1
     throughput_batch: int = 128
     train_accuracy: bool = True
+    calibration_images: int = 256  # INT8 PTQ (runners/quant.py): training images that calibrate the observers
     seeds: int = 1               # run_suite's default --seeds at this scale
     seed_spread: float = 2.0     # top-1 points: a row whose seeds' std exceeds it is flagged in the report
 

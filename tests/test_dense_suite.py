@@ -104,7 +104,7 @@ def test_table5_smoke_fills_its_rows_beside_the_papers(tmp_path):
     line = next(line for line in md.splitlines() if line.startswith("| Faster-RCNN/OREPA | finished | – | – | 37.0"))
     assert " %" in line  # the measured mAP beside the printed 37.0
     assert "| 74.50 |" in md and "| 5.7 |" in md and "| 0.39 |" in md  # printed mIoU, memory, time
-    assert f"backbone weights from orepa.table4 / ResNet-50/None seed 0 (run 1, train form), sha256 " \
+    assert f"weights from orepa.table4 / ResNet-50/None seed 0 (run 1, train form), sha256 " \
            f"{sha256_of(ckpt)[:12]}" in md
     assert "Deployed after training" in md and "(equal)" in md and "DIFFERENT" not in md
 
@@ -136,7 +136,7 @@ def test_finetune_stores_a_run_with_its_lineage_and_the_report_shows_it(tmp_path
     assert done.returncode == 0, done.stderr
     md = (tmp_path / "out" / "repbench.finetune.md").read_text()
     assert f"| {row} | finished |" in md
-    assert f"backbone weights from the file {ckpt.resolve()}, sha256 {sha256_of(ckpt)[:12]}" in md
+    assert f"weights from the file {ckpt.resolve()}, sha256 {sha256_of(ckpt)[:12]}" in md
 
 
 def test_dense_recipes_and_tables_are_checked():

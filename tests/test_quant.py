@@ -102,3 +102,56 @@ def test_a_deployed_repvgg_is_quantized_layer_by_layer_and_first_last_can_stay_f
     assert weight_dequantizes(quantize_ptq(model, calibration, QuantSetting(calibration_images=4))) == layers
     kept = quantize_ptq(model, calibration, QuantSetting(calibration_images=4, first_last_float=True))
     assert weight_dequantizes(kept) == layers - 2
+
+
+def test_tables_8_10_11_measure_the_same_two_trained_models(tmp_path):
+    """repopt.table11 at smoke plans Table 8's RepVGG-B1 and RepOpt-VGG-B1 runs (and the latter's Hyper-Search)
+    first, then measures their final weights (sha256-checked, recorded as each row's input): the RepVGG kernel in
+    three forms, where branch addition leaves the surrounding positions exactly as BN fusion made them and the
+    deployed form is the kernel Table 8's run measured itself. repopt.table10 then trains nothing: it measures the
+    same runs' float and INT8 top-1. The reports judge Table 11's orderings and show Table 10's printed N/A."""
+    import sqlite3
+
+    from test_cli import run_cli
+    db = tmp_path / "db.sqlite"
+    where = ("--db", f"sqlite:///{db}", "--data-root", str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"))
+    done = run_cli("repopt.table11", *where, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def values(table):
+        with sqlite3.connect(db) as c:
+            return {(r, m): v for r, m, v in c.execute(
+                "SELECT r.row_name, m.name, m.value FROM metrics m JOIN runs r ON m.run_id = r.id "
+                "WHERE r.table_name = ?", (table,))}
+
+    t8, t11 = values("repopt.table8"), values("repopt.table11")
+    raw, fused, added = (t11[f"RepVGG-B1 / {k}", "kernel_std_surrounding"] for k in (
+        "3x3 kernel before fusing BN", "after fusing BN", "after branch addition"))
+    assert added == pytest.approx(fused, rel=1e-9) and raw != pytest.approx(fused, rel=1e-6)
+    assert t11["RepVGG-B1 / after branch addition", "kernel_std"] == pytest.approx(t8["RepVGG-B1", "kernel_std"])
+    assert t11["RepOpt-VGG-B1 / 3x3 kernel", "kernel_std"] == pytest.approx(t8["RepOpt-VGG-B1", "kernel_std"])
+    with sqlite3.connect(db) as c:
+        weights = dict(c.execute("SELECT r.row_name, a.sha256 FROM artifacts a JOIN runs r ON a.run_id = r.id "
+                                 "WHERE a.kind = 'weights_train' AND r.table_name = 'repopt.table8'"))
+        inputs = c.execute("SELECT r.row_name, a.sha256 FROM artifacts a JOIN runs r ON a.run_id = r.id "
+                           "WHERE a.kind = 'input_weights' AND r.table_name = 'repopt.table11'").fetchall()
+    assert sorted(inputs) == sorted([(f"RepVGG-B1 / {k}", weights["RepVGG-B1"]) for k in (
+        "3x3 kernel before fusing BN", "after fusing BN", "after branch addition")]
+        + [("RepOpt-VGG-B1 / 3x3 kernel", weights["RepOpt-VGG-B1"])])
+
+    done = run_cli("repopt.table10", *where, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT count(*) FROM runs WHERE table_name = 'repopt.table8'").fetchone() == (2,)
+    t10 = values("repopt.table10")
+    for row in ("RepOpt-VGG-B1", "RepVGG-1"):
+        assert 0 <= t10[row, "top1_ptq"] <= 100 and 0 <= t10[row, "top1"] <= 100
+    for table in ("table10", "table11"):
+        assert run_cli("report", f"repopt.{table}", "--db", f"sqlite:///{db}", "--out", str(tmp_path / "out"),
+                       cwd=tmp_path).returncode == 0
+    md = (tmp_path / "out" / "repopt.table11.md").read_text()
+    assert "RepVGG-B1's kernel std through the conversions" in md and "| 0.0131 |" in md
+    line = next(line for line in md.splitlines() if line.startswith("| RepVGG-B1 / after branch addition | finished"))
+    assert f"| 0.0236 | {t11['RepVGG-B1 / after branch addition', 'kernel_std']:.4f} |" in line
+    assert md.count("held") >= 3  # every neighbouring pair judged ("held" or "did not hold")
+    assert "N/A" in (tmp_path / "out" / "repopt.table10.md").read_text()
