@@ -36,7 +36,7 @@ def db_rows(path: Path, sql: str):
     (["table4", "--scale", "paper", "--data-root", "/no/such/dir"], "imagenet not found at /no/such/dir/imagenet"),
     (["table4", "--data-root", "/etc/hostname"], "is not a directory"),
     (["table4", "--scale", "paper"], "imagenet not found"),
-    (["repopt.table8"], "declared only"),
+    (["repopt.table12"], "declared only"),
     (["table5", "--scale", "paper", "--data-root", "/no/such/dir"], "COCO not found: /no/such/dir/coco"),
     (["table5", "--pretrained", "Nope=x.pth"], "'Nope' is not a row of this run"),
     (["table5", "--pretrained", "Faster-RCNN/None"], "expected ROW=PATH"),
