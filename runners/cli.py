@@ -238,7 +238,7 @@ def _validated_dense(table, rows, args, data_root) -> None:
     recipe = table.recipes[args.scale]
     try:
         for row in rows:
-            batch_plan(table.recipe(args.scale, row), row.config, args.devices)
+            batch_plan(table.recipe(args.scale, row), row.config, args.devices, row.cfg_options)
     except ValueError as e:
         raise BadInput(f"--devices {args.devices}: {table.key} at {args.scale}: {e}") from None
     given = {}
@@ -718,7 +718,7 @@ def cmd_finetune(argv, console: Console) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag} must be >= 1")
     try:
-        batch_plan(DenseRecipe(batch=args.batch), str(args.config), args.devices)
+        batch_plan(DenseRecipe(batch=args.batch), str(args.config), args.devices, args.cfg_options)
     except ValueError as e:
         raise BadInput(f"--devices {args.devices}: {e}") from None
     if args.pretrained:

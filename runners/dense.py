@@ -195,10 +195,15 @@ def task_of(config: str) -> str:
     return scope
 
 
-def stock_batch(config: str) -> tuple[int, int, float]:
-    """(images per device, global batch, lr) of the stock config as its authors ran it: mmdet's global batch is its
-    ``auto_scale_lr.base_batch_size`` (1x: 16 = 8 GPUs x 2), mmseg's the ``<devices>xb<batch>`` of its name."""
+def stock_batch(config: str, options: dict | None = None) -> tuple[int, int, float]:
+    """(images per device, global batch, lr) of the stock config as its authors ran it (``options``: a paper's
+    departures from it, e.g. 4 images per GPU): mmdet's global batch is its ``auto_scale_lr.base_batch_size`` (1x:
+    16 = 8 GPUs x 2), mmseg's the ``<devices>xb<batch>`` of its name; a per-device batch the options change keeps
+    that global batch on fewer devices."""
     cfg = _loaded(str(config))
+    if options:
+        cfg = copy.deepcopy(cfg)
+        cfg.merge_from_dict(options)
     batch, lr = cfg.train_dataloader.batch_size, cfg.optim_wrapper.optimizer.lr
     if cfg.default_scope == "mmdet":
         return batch, int(cfg.auto_scale_lr.base_batch_size), lr
@@ -208,13 +213,13 @@ def stock_batch(config: str) -> tuple[int, int, float]:
     return batch, int(match[1]) * int(match[2]), lr
 
 
-def batch_plan(recipe, config: str, devices: int) -> dict:
+def batch_plan(recipe, config: str, devices: int, options: dict | None = None) -> dict:
     """How ``devices`` processes run a dense row (the values every run records, as the classification runs'
     jobs.batch_plan): the stock global batch and lr kept by accumulation when the recipe keeps the config's batch;
     a recipe's own smaller batch trains at ``batch x devices`` with the lr scaled linearly (mmdet's auto_scale_lr
     rule). ValueError naming the valid device counts when ``devices`` cannot keep the stock batch."""
     from .launch import accumulation
-    batch, paper_global, lr = stock_batch(config)
+    batch, paper_global, lr = stock_batch(config, options)
     common = {"world_size": devices, "paper_devices": paper_global // batch, "paper_global_batch": paper_global}
     if recipe.batch is None:
         accum = accumulation(paper_global, batch, devices)

@@ -126,7 +126,7 @@ def plan_job(args, data_root: Path, url: str, artifacts: str, store):
         sha = sha256_of(Path(args.pretrained))
         pretrained = {"sha256": sha, "source": "file", **dense.origin_of_file(store, sha)}
     c = {"table": KEY, "row": row.name, "scale": scale, "seed": args.seed, **_model_of(row), "baseline": None,
-         "dense": dense_block, "recipe": recipe.as_dict(), **dense.batch_plan(recipe, config, args.devices),
+         "dense": dense_block, "recipe": recipe.as_dict(), **dense.batch_plan(recipe, config, args.devices, args.cfg_options),
          "metrics": list(METRICS), "code": code_fingerprint(), **({"pretrained": pretrained} if pretrained else {})}
     chash = config_hash({k: v for k, v in c.items() if k != "seed"})
     spec = RunSpec(run_key(KEY, row.name, scale, args.seed, chash), KEY, row.name, scale, args.seed, chash, c)

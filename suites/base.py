@@ -251,6 +251,9 @@ class Row:
     # row's arch / rep / variant), and the freezing reading (backbones/mm.py frozen_indices: "paper" or "fair")
     config: str | None = None
     freeze: str = "paper"
+    # the paper's settings where they depart from the stock config, as MMEngine config overrides (dotted keys, as
+    # tools/train.py's --cfg-options); each table writes down where each comes from
+    cfg_options: dict = field(default_factory=dict)
     # the rep of the classification run a dense row's backbone starts from, where it is not the row's own (DyRep
     # Table 5's "D" rows: the plain ResNet-50's weights, grown during the finetuning)
     pretrained_rep: str | None = None

@@ -247,9 +247,11 @@ def test_smoke_table4_end_to_end(tmp_path):
     assert {"index.html", "leaderboard.html"} <= {p.name for p in (tmp_path / "o").iterdir()}
 
 
-@pytest.mark.parametrize("table", [t.key for t in suites.TABLES.values() if "paper" in t.recipes and t.paper == "orepa"])
+@pytest.mark.parametrize("table", [t.key for t in suites.TABLES.values()
+                                   if "paper" in t.recipes and t.paper == "orepa" and t.runner == "classification"])
 def test_paper_dry_run_shows_the_recipe_without_the_dataset(table, tmp_path, monkeypatch, capsys):
-    """Every OREPA table's paper-scale plan (RepOptimizers': tests/test_repopt_suite.py): devices, per-device and global batch, lr, epochs, warm-up and the
+    """Every OREPA classification table's paper-scale plan (RepOptimizers': tests/test_repopt_suite.py; the dense
+    Table 5's: tests/test_dense_suite.py): devices, per-device and global batch, lr, epochs, warm-up and the
     switches in force, with no ImageNet on disk (a note, not an error) and nothing written."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REPBENCH_DATA", str(tmp_path / "data"))

@@ -155,3 +155,38 @@ def test_dense_recipes_and_tables_are_checked():
         suites.DenseRecipe(data="imagenet")
     with pytest.raises(ValueError, match="freeze"):
         suites.Row("a", "resnet50", "none", freeze="some")
+
+
+def test_paper_dry_run_shows_the_stock_batch_and_what_is_missing(tmp_path, monkeypatch, capsys):
+    """orepa.table5 at paper scale, dry run, nothing on disk: the plan keeps the global batch on one device by
+    accumulation — the supplement's 4 images per GPU at mmdet 1x's total 16 (1 x 4 x 4), mmseg 4xb2's 8 (1 x 4 x 2)
+    — at the supplement's lr 0.02 (both stock configs say 0.01 but Faster R-CNN's 0.02), and says as a note which
+    classification run a row's backbone needs first; nothing is written. Two devices halve the accumulation; three
+    cannot keep the batch (exit 2, one line)."""
+    from runners.cli import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REPBENCH_DB", raising=False)
+    monkeypatch.setenv("REPBENCH_DATA", str(tmp_path / "data"))
+    from runners.jobs import plan
+    assert main(["table5", "--scale", "paper", "--dry-run"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 x 4 x 4 = 16" in out and "1 x 4 x 2 = 8" in out
+    assert "note: orepa.table5 / Faster-RCNN/None starts from the final weights of a paper-scale classification run " \
+           "of resnet50/none" in out and "run_suite orepa.table" in out
+    table = suites.get_table("orepa.table5")
+    for devices, det, seg in ((1, 4, 4), (2, 2, 2)):
+        jobs = {job.spec.row_name: job.config for job in plan(table, "paper", 1, None, "data", "sqlite://",
+                                                                  devices=devices)}
+        assert [(jobs[r]["grad_accum"], jobs[r]["per_device_batch"], jobs[r]["global_batch"], jobs[r]["lr"])
+                for r in ("RetinaNet/OREPA", "DeepLabV3+/DBB")] == [(det, 4, 16, 0.02), (seg, 2, 8, 0.02)]
+        assert jobs["PSPNet/None"]["dense"]["cfg_options"]["param_scheduler.0.eta_min"] == 2e-4
+    from runners.dense import run_config
+    planned = {job.spec.row_name: job for job in plan(table, "paper", 1, None, "data", "sqlite://")}
+    seg = run_config(planned["PSPNet/OREPA"], planned["PSPNet/OREPA"].config, tmp_path, tmp_path / "w", None)
+    det = run_config(planned["RetinaNet/DBB"], planned["RetinaNet/DBB"].config, tmp_path, tmp_path / "w", None)
+    assert seg.param_scheduler[0].eta_min == 2e-4 and seg.optim_wrapper.optimizer.lr == 0.02
+    assert det.train_dataloader.batch_size == 4 and det.optim_wrapper.optimizer.lr == 0.02
+    assert det.optim_wrapper.accumulative_counts == 4 and seg.optim_wrapper.accumulative_counts == 4
+    assert main(["table5", "--scale", "paper", "--dry-run", "--devices", "3"]) == 2
+    assert "valid counts: 1, 2, 4" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
