@@ -15,10 +15,14 @@ def test_every_runnable_table_has_one_mini_recipe_with_seeds():
     """One mini recipe per table; a row departs from it only where the paper's design is the departure (RepOpt
     Table 2's @MaxBS rows: their batch and lr; DyRep Table 9: the update interval), never in data, resolution,
     schedule or seeds."""
+    measured_once = {"repopt.table8", "repopt.table10", "repopt.table11"}  # Tables 10/11 measure Table 8's seed 0
     for table in suites.TABLES.values():
         if "mini" not in table.recipes:
             continue
         recipe = table.recipes["mini"]
+        if table.runner == "dense":  # detection / segmentation: tiny COCO / Cityscapes, a few steps, from scratch
+            assert recipe.data == "tiny" and recipe.iters and recipe.pretrained == "none", table.key
+            continue
         assert recipe.dataset in ("digits", "digits_cifar") and recipe.resolution == 32, table.key
         for row in table.rows:
             changed = {k for k, v in row.recipe.get("mini", {}).items() if getattr(recipe, k) != v}
@@ -28,7 +32,7 @@ def test_every_runnable_table_has_one_mini_recipe_with_seeds():
             mine = table.recipe("mini", row)
             assert mine.dataset in ("digits", "digits_cifar") and mine.resolution == 32, (table.key, row.name)
             assert (mine.epochs, mine.seeds) == (recipe.epochs, recipe.seeds), (table.key, row.name)
-        assert recipe.seeds == 3 and recipe.seed_spread > 0, table.key
+        assert recipe.seeds == (1 if table.key in measured_once else 3) and recipe.seed_spread > 0, table.key
         assert recipe.warmup_epochs > 0 or recipe.warmup_iters > 0, table.key  # many-branch blocks need a gentle start
 
 
