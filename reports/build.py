@@ -20,6 +20,7 @@ DONE = ("finished", "diverged")
 SIZE = ("params_train", "params_deploy", "params_srep", "macs_train", "macs_deploy", "macs_srep", "params_avg",
         "macs_avg")
 INFERENCE = ("latency", "throughput")
+HISTOGRAM_POSITIONS = ("all", "central", "surrounding")
 ENVIRONMENT = ("git_commit", "git_dirty", "python", "torch", "torchvision", "mmcv", "mmengine", "numpy", "cuda",
                "cudnn", "driver", "gpu_count", "device_name", "cpu_affinity", "host", "uv_lock_sha256", "command")
 LABELS = {"params_train": "Params (train)", "params_deploy": "Params (deploy)", "macs_train": "MACs (train)",
@@ -55,6 +56,9 @@ class Section:
     departures: list[str] = field(default_factory=list)  # rows with a recipe of their own (Row.recipe), what differs
     recipe_text: str = ""             # the recipe in words (a classification or a dense recipe)
     deployed: list[str] = field(default_factory=list)  # dense rows: the metric of the trained and the deployed model
+    # the sampled kernel's parameter distribution per row (RepOptimizers Figures 3 and 5; runners/quant.py
+    # kernel_histograms): row -> {"range": m, "all" / "central" / "surrounding": shares per bin over [-m, m]}
+    histograms: dict = field(default_factory=dict)
 
     def family(self, title: str) -> Family:
         return next(f for f in self.families if f.title == title)
@@ -333,6 +337,28 @@ def _inference_family(table, rows) -> Family | None:
     return Family("Deployed inference", columns, out)
 
 
+QUANT_CELLS = (("INT8 top-1", "top1_ptq"), ("INT8 drop", "top1_ptq_drop"), ("Latency fp32 (compiled)",
+               "latency_compiled_fp32"), ("Latency INT8 (compiled)", "latency_int8"))
+
+
+def _quantization_family(table, rows) -> Family | None:
+    """The quantization column (run_suite TABLE --quantize; runners/quant.py): INT8 PTQ top-1 of the deployed model
+    and its drop from the float model on the same images, the INT8 and float latency on the same execution path,
+    timed interleaved, and their paired ratio."""
+    if not any(len(rows[r.name].values(n)) for r in table.rows for n in ("top1_ptq_drop", "latency_int8")):
+        return None
+    columns, out = ["row", "status"] + [label for label, _ in QUANT_CELLS] + ["INT8 / fp32 latency"], []
+    for row in table.rows:
+        r = rows[row.name]
+        cells = {"row": row.name, "status": r.status, **{label: r.measured(name) for label, name in QUANT_CELLS}}
+        cells["INT8 / fp32 latency"] = _fmt_ratio(r.ratio("latency_int8"))
+        unmeasured = r.values("latency_int8")
+        if len(unmeasured) and unmeasured.value.isna().all():  # no compiler here: the reason, not a dash
+            cells["Latency INT8 (compiled)"] = first_line(unmeasured.method.iloc[0])
+        out.append(cells)
+    return Family("Quantization (INT8 PTQ, deployed model)", columns, out)
+
+
 def judge_claim(claim: Claim, table: Table, rows: dict[str, _Row], at_paper_regime: bool) -> dict:
     """A printed claim, evaluated on every pair it names that was measured: the measured figure, the paper's own
     figure from its printed values, and a verdict at the paper's regime (elsewhere 'n/a (regime)')."""
@@ -454,7 +480,7 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
     if costs:
         families.append(_cost_family(table, rows, costs, at_paper_regime))
     families += [f for f in (_statistic_family(table, rows), _size_family(table, rows),
-                             _inference_family(table, rows)) if f is not None]
+                             _inference_family(table, rows), _quantization_family(table, rows)) if f is not None]
     plot: dict = {}
     for name in costs + list(INFERENCE):
         for row in table.rows:
@@ -477,6 +503,12 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
                 same = all(abs(a - b) <= 1e-6 for a, b in zip(trained, again))
                 deployed.append(f"{r.row.name}: {METRICS[name].label} {trained.mean():.2f} trained, "
                                 f"{again.mean():.2f} deployed ({'equal' if same else 'DIFFERENT'})")
+    histograms = {}
+    for r in rows.values():
+        series = {position: r.values(f"kernel_hist_{position}") for position in HISTOGRAM_POSITIONS}
+        if len(r.metrics) and all(len(v) for v in series.values()):  # one seed measures one kernel: its mean
+            histograms[r.row.name] = {"range": r.mean("kernel_hist_range"), **{
+                position: v.groupby("step").value.mean().sort_index().tolist() for position, v in series.items()}}
     if table.runner == "dense":
         text = "; ".join(f"{k} {v}" for k, v in recipe.switches().items()) + (
             f"; {recipe.batch} image(s) per device" if recipe.batch else "; the config's batch")
@@ -486,7 +518,8 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
     return Section(scale, recipe.as_dict(), regime, devices, families,
                    [judge_claim(c, table, rows, at_paper_regime) for c in table.claims]
                    + [judge_ordering(o, table, rows) for o in table.orderings],
-                   [r.where() for r in rows.values()], plot, table.chain, points, superseded, busy, departures, text, deployed)
+                   [r.where() for r in rows.values()], plot, table.chain, points, superseded, busy, departures, text, deployed,
+                   histograms)
 
 
 def build_table_report(table: Table, store) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader
 
-from .build import LABELS, leaderboard
+from .build import HISTOGRAM_POSITIONS, LABELS, leaderboard
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -122,6 +122,27 @@ def chain_curves(section) -> str | None:
     return _png(fig)
 
 
+def kernel_histograms(section) -> str | None:
+    """RepOptimizers Figures 3 and 5: the sampled kernel's parameter distribution per row, over all its positions,
+    the centre and the eight surrounding ones (one panel each; each row on its own bins, in weight units)."""
+    if not section.histograms:
+        return None
+    plt = _pyplot()
+    rows = list(section.histograms)
+    fig, axes = plt.subplots(1, len(HISTOGRAM_POSITIONS), figsize=(5 * len(HISTOGRAM_POSITIONS), 3.3), squeeze=False)
+    for ax, position in zip(axes[0], HISTOGRAM_POSITIONS):
+        for row, c in zip(rows, _colours(len(rows))):
+            shares, m = section.histograms[row][position], section.histograms[row]["range"]
+            width = 2 * m / len(shares)
+            ax.stairs(shares, [-m + i * width for i in range(len(shares) + 1)], color=c, label=row)
+        ax.set_title(f"{position} positions", fontsize=9)
+        ax.set_xlabel("parameter value", fontsize=8)
+        ax.set_ylabel("share of parameters", fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _png(fig)
+
+
 SCATTER_PAIRS = (("time_per_batch", "top1"), ("train_memory", "top1"), ("latency", "top1"),
                  ("time_per_batch", "train_memory"), ("latency", "time_per_batch"))
 AXIS = {"top1": "top-1 (%)", "time_per_batch": "training time per batch (s)", "train_memory": "training memory (GiB)",
@@ -163,6 +184,7 @@ def page_name(table) -> str:
 def render_table_page(report: dict) -> str:
     for section in report["sections"]:
         section.bars, section.curves = cost_bars(section), chain_curves(section)
+        section.histogram_png = kernel_histograms(section)
     return _environment(True).get_template("table.html.j2").render(**report, page_name=page_name)
 
 

@@ -92,6 +92,10 @@ def run_parser() -> argparse.ArgumentParser:
                              "(the recipe's); its sha256 enters the run key")
     parser.add_argument("--force", action="store_true",
                         help="re-run finished runs too, from scratch (their old checkpoints are removed)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="add the quantization column to a classification table: each trained model deployed, "
+                             "INT8 PTQ top-1 and its drop, INT8 and float latency on this CPU (runners/quant.py); "
+                             "the column is part of the runs' config, so these are runs of their own")
     parser.add_argument("--dry-run", action="store_true", help="show the plan; run and write nothing")
     parser.add_argument("--wait", action="store_true",
                         help="slurm: follow the submitted runs until they end (default: return after submitting)")
@@ -156,6 +160,12 @@ def _validated_run(args):
             raise BadInput(e.args[0]) from None
         if row.declared:
             raise BadInput(f"{table.key} / {name} is declared only, not run: {row.declared}")
+    if args.quantize:
+        if table.runner != "classification":
+            raise BadInput(f"--quantize: {table.key} is a {table.runner} table; the quantization column is for "
+                           "classification tables")
+        from runners.quant import QUANT_COLUMN
+        table = replace(table, metrics=table.metrics + tuple(m for m in QUANT_COLUMN if m not in table.metrics))
     if args.seeds is None:
         args.seeds = table.recipes[args.scale].seeds
     if args.seeds < 1:

@@ -192,6 +192,7 @@ def plan(table, scale: str, seeds: int, only: list[str] | None, data_root: str, 
                 **({"structure": structure} if structure else {}),
                 **({"measures": measures} if measures else {}),
                 **({"kernel_form": row.kernel_form} if row.kernel_form else {}),
+                **({"qat": row.qat} if row.qat else {}),
                 **({"forms": list(row.forms)} if row.forms else {}),
                 **({"deployed": row.deployed} if row.deployed != "deploy" else {}),
             }
@@ -383,7 +384,8 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
             if c.get("measures"):  # another run's final weights, measured (quantization tables): nothing trains
                 if dist.is_main:
                     store.log_environment(run_id, environment(device), owner=claim.owner)
-                    _measure_weights(store, claim, job, _upstream_model(store, claim, job), recipe, float_top1=True)
+                    _measure_weights(store, claim, job, _upstream_model(store, claim, job), recipe, float_top1=True,
+                                     device=device)
                     store.finish_run(run_id, "finished", claim=claim, attempt_status="finished")
                 return "finished"
             trains = "top1" in c["metrics"] and recipe.train_accuracy
@@ -629,11 +631,13 @@ def _upstream_model(store: Store, claim, job: Job):
     return model
 
 
-def _measure_weights(store: Store, claim, job: Job, model, recipe, float_top1: bool = False) -> None:
-    """The quantization metrics (runners/quant.py) of a trained model, where the table asks for them."""
+def _measure_weights(store: Store, claim, job: Job, model, recipe, float_top1: bool = False,
+                     device: str = "cpu") -> None:
+    """The quantization metrics (runners/quant.py) of a trained model, where the table asks for them (QAT
+    finetunes on ``device``; INT8 runs on the CPU)."""
     from .quant import QUANT_METRICS, measure_trained
-    if set(QUANT_METRICS) & set(job.config["metrics"]):
-        store.log_metrics(claim.run_id, measure_trained(model, job.config, recipe, Path(job.data_root),
+    if set(QUANT_METRICS + ("top1_qat",)) & set(job.config["metrics"]):
+        store.log_metrics(claim.run_id, measure_trained(model, job.config, recipe, Path(job.data_root), device,
                                                          float_top1=float_top1), owner=claim.owner)
 
 
@@ -765,7 +769,7 @@ def _train(store: Store, claim, job: Job, model, recipe, device: str, dist, fixe
                            owner=owner)
     for record in result.epochs:  # epochs trained before a resume: their metrics were cleared with the retry
         on_epoch(record)
-    _measure_weights(store, claim, job, model, recipe)  # quantization tables: PTQ, kernel statistics
+    _measure_weights(store, claim, job, model, recipe, device=device)  # quantization: PTQ, QAT, kernel statistics
     events = (fixed or []) + (dyrep.dyrep.events if dyrep else [])  # the structure's changes, from the plain net
     _training_costs(store, claim, job, recipe, result, events, dyrep is not None or bool(fixed), context)
     if recipe.checkpoints:

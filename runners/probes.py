@@ -644,15 +644,18 @@ def probe_inference(model: nn.Module, resolution: int, device: str = "cpu", late
 
 
 def probe_inference_interleaved(models: dict[str, nn.Module], resolution: int, device: str = "cpu",
-                                latency_batch: int = 1, throughput_batch: int = 128, warmup: int = 2,
+                                latency_batch: int = 1, throughput_batch: int | None = 128, warmup: int = 2,
                                 steps: int = 5) -> dict[str, list[Measurement]]:
-    """Latency (median forward time at ``latency_batch``) and throughput (images/s at ``throughput_batch``) of models
-    in eval mode under ``torch.inference_mode``, forwards interleaved between the models (pass deployed models)."""
+    """Latency (median forward time at ``latency_batch``) and throughput (images/s at ``throughput_batch``; None:
+    latency only) of models in eval mode under ``torch.inference_mode``, forwards interleaved between the models
+    (pass deployed models)."""
     threads = torch.get_num_threads()
     results: dict[str, list[Measurement]] = {name: [] for name in models}
     for model in models.values():
         model.to(device).eval()
     for batch, name in ((latency_batch, "latency"), (throughput_batch, "throughput")):
+        if batch is None:
+            continue
         x = torch.randn(batch, 3, resolution, resolution, device=device)
         with torch.inference_mode():
             times = _interleaved({key: functools.partial(model, x) for key, model in models.items()}, device,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 @dataclass(frozen=True)
 class QuantSetting:
     calibration_images: int = 256      # training images the observers see (seeded choice)
+    calibration_transform: str = "the training transforms"  # how those images are read (as the training run)
     first_last_float: bool = False     # the first conv and the last linear layer left in float
     quantizer: str = "torchao X86InductorQuantizer (PT2E), default config"
 
@@ -73,6 +74,7 @@ def quantize_ptq(model: nn.Module, calibration: Iterable[Tensor], setting: Quant
     """The reference INT8 model of a deployed ``model`` (see the module docstring), calibrated on the batches of
     ``calibration`` (together ``setting.calibration_images`` images; the caller picks them). ``model`` is not
     changed."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
@@ -83,8 +85,8 @@ def quantize_ptq(model: nn.Module, calibration: Iterable[Tensor], setting: Quant
     if seen != setting.calibration_images:
         raise ValueError(f"{seen} calibration images given, the setting says {setting.calibration_images}")
     model = model.eval()
-    with torch.no_grad():
-        graph = torch.export.export(model, (batches[0][:1],), dynamic_shapes=None).module()
+    with torch.no_grad():  # any batch size: the batch dimension exported dynamic
+        graph = torch.export.export(model, (batches[0],), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(_config())
     if setting.first_last_float:
@@ -93,15 +95,147 @@ def quantize_ptq(model: nn.Module, calibration: Iterable[Tensor], setting: Quant
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for batch in batches:
-            for image in batch.split(1):  # the graph was exported at batch 1
-                prepared(image)
-    return convert_pt2e(prepared)
+            prepared(batch)
+    qmodel = convert_pt2e(prepared)
+    allow_exported_model_train_eval(qmodel)  # .eval() as on any module (the probes call it)
+    return qmodel
 
 
 def int8_forward(qmodel: nn.Module, x: Tensor) -> Tensor:
-    """``qmodel`` (exported at batch 1) on a batch."""
+    """The INT8 model's logits for a batch."""
     with torch.no_grad():
-        return torch.cat([qmodel(image) for image in x.split(1)])
+        return qmodel(x)
+
+
+def probe_int8_latency(deployed: nn.Module, qmodel: nn.Module, resolution: int, batch: int = 1, warmup: int = 2,
+                       steps: int = 5) -> dict:
+    """Latency of the INT8 model beside the float model it came from, on the same execution path: both through
+    ``torch.compile`` (inductor, weights frozen as constants — what lowers the quantize / dequantize pattern to
+    INT8 kernels on x86), the same threads, forwards interleaved by the inference probe. Returns Measurements
+    ``latency_int8``, ``latency_compiled_fp32`` and their paired ratio ``latency_int8_ratio`` (INT8 / float);
+    where compiling is impossible here (no C++ compiler), none, and the reason (``"error"``)."""
+    import torch._inductor.config as inductor_config
+
+    from .probes import paired_ratio, probe_inference_interleaved
+
+    try:
+        with inductor_config.patch(freezing=True):
+            models = {"int8": torch.compile(qmodel), "fp32": torch.compile(deployed)}
+            timed = probe_inference_interleaved(models, resolution, "cpu", latency_batch=batch,
+                                                throughput_batch=None, warmup=max(warmup, 1), steps=steps)
+    except Exception as e:  # inductor needs a working C++ toolchain; the accuracy column does not
+        return {"error": f"not measured: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"}
+    int8, fp32 = timed["int8"][0], timed["fp32"][0]
+    path = "both torch.compile (inductor, freezing), eager forward of neither"
+    for m, name in ((int8, "latency_int8"), (fp32, "latency_compiled_fp32")):  # the spread: <name>_std
+        m.name, m.extra = name, {k.replace("latency", name, 1): v for k, v in m.extra.items()}
+    int8.method, fp32.method = (f"{m.method}; {path}" for m in (int8, fp32))
+    ratio = paired_ratio("latency_int8_ratio", int8, fp32, "the float model (compiled)")
+    ratio.method += f"; {path}"
+    return {m.name: m for m in (int8, fp32, ratio)}
+
+
+# -- QAT (Table 10): finetuning with fake quantization, then the INT8 model ------------------------------------------
+
+@dataclass(frozen=True)
+class QATSetting:
+    """Quantization-aware finetuning as the paper's footnote points (PyTorch's QAT example): plain SGD at lr 1e-4
+    (no momentum, no weight decay), BN statistics frozen after 4 and observers after 5 of its 8 epochs — kept here
+    as fractions of the schedule — on the paper's 10 epochs (Appendix C, "after only 10-epoch finetuning"). The
+    model trains in its training form with the quantizer's QAT config (fake-quantized weights and activations, each
+    conv's BN folded in the simulation), then becomes the INT8 model. ``max_iters`` caps the steps (smoke)."""
+
+    epochs: float = 10.0
+    lr: float = 1e-4
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    freeze_bn_after: float = 4 / 8      # fraction of the steps after which BN uses (and keeps) its running statistics
+    freeze_observers_after: float = 5 / 8  # ... after which the quantization ranges stop moving
+    batch: int = 64
+    max_iters: int | None = None
+    quantizer: str = "torchao X86InductorQuantizer (PT2E), default config with is_qat=True"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "torchao": _version("torchao"), "optimizer": "torch.optim.SGD"}
+
+
+def _every_conv_qat():
+    """X86InductorQuantizer for QAT, plus: every conv its fusion patterns leave out gets the same config's input and
+    weight specs. Its patterns match conv-BN(-ReLU) and conv-BN-add with one extra input; a RepVGG training block
+    (conv-BN + conv-BN + BN, summed) matches none, and would keep float convs. The sums stay float, as the branches'
+    outputs are (an INT8 conv's output is dequantized)."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    class EveryConv(xiq.X86InductorQuantizer):
+        def annotate(self, model):
+            model = super().annotate(model)
+            config = xiq.get_default_x86_inductor_quantization_config(is_qat=True)
+            for node in model.graph.nodes:
+                if node.target != torch.ops.aten.conv2d.default or "quantization_annotation" in node.meta:
+                    continue
+                node.meta["quantization_annotation"] = QuantizationAnnotation(
+                    input_qspec_map={node.args[0]: config.input_activation, node.args[1]: config.weight},
+                    _annotated=True)
+            return model
+
+    return EveryConv()
+
+
+def _freeze_bn_statistics(prepared: nn.Module) -> None:
+    """BN in an exported training graph (``aten.batch_norm``, argument 5: training) switched to its running
+    statistics, which stop updating (PyTorch's PT2E QAT recipe; the eager API's ``freeze_bn_stats``)."""
+    for node in prepared.graph.nodes:
+        if node.target == torch.ops.aten.batch_norm.default:
+            args = list(node.args)
+            args[5] = False
+            node.args = tuple(args)
+    prepared.recompile()
+
+
+def qat_finetune(model: nn.Module, train_set, setting: QATSetting, seed: int = 0, device: str = "cpu",
+                 log=None) -> nn.Module:
+    """The INT8 model after quantization-aware finetuning of ``model`` in its training form (a copy; ``model`` is
+    not changed) on ``train_set`` (see :class:`QATSetting`)."""
+    import copy
+
+    from torch.utils.data import DataLoader, RandomSampler
+    from torchao.quantization.pt2e import (allow_exported_model_train_eval, disable_observer,
+                                           move_exported_model_to_eval)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    generator = torch.Generator().manual_seed(seed)
+    steps = max(1, round(setting.epochs * len(train_set) / setting.batch))
+    steps = min(steps, setting.max_iters) if setting.max_iters else steps
+    loader = DataLoader(train_set, batch_size=setting.batch, drop_last=len(train_set) >= setting.batch,
+                        sampler=RandomSampler(train_set, replacement=True, num_samples=steps * setting.batch,
+                                              generator=generator))
+    model = copy.deepcopy(model).to(device).train()
+    first, _ = next(iter(loader))
+    graph = torch.export.export(model, (first.to(device),), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    quantizer = _every_conv_qat()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+    prepared = prepare_qat_pt2e(graph, quantizer)
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=setting.lr, momentum=setting.momentum,
+                                weight_decay=setting.weight_decay)
+    for step, (x, y) in enumerate(loader):
+        if step == int(setting.freeze_bn_after * steps):
+            _freeze_bn_statistics(prepared)
+        if step == max(1, int(setting.freeze_observers_after * steps)):  # after the ranges saw a step at least
+            prepared.apply(disable_observer)
+        loss = nn.functional.cross_entropy(prepared(x.to(device)), y.to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"QAT loss {float(loss)} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if log and (step + 1) % max(1, steps // 10) == 0:
+            log(f"QAT step {step + 1}/{steps}: loss {loss.item():.4f}")
+    move_exported_model_to_eval(prepared)
+    qmodel = convert_pt2e(prepared.to("cpu"))
+    allow_exported_model_train_eval(qmodel)
+    return qmodel
 
 
 # -- Tables 8 and 11: the standard deviation of one 3x3 kernel in its forms ---------------------------------------------
@@ -115,6 +249,27 @@ def kernel_std(kernel: Tensor) -> dict[str, float]:
     mask[1, 1] = False
     return {"kernel_std": float(k.std()), "kernel_std_central": float(k[..., 1, 1].std()),
             "kernel_std_surrounding": float(k[..., mask].std())}
+
+
+HISTOGRAM_BINS = 60
+
+
+def kernel_histograms(kernel: Tensor, bins: int = HISTOGRAM_BINS) -> list[tuple[str, int, float, str]]:
+    """The parameter distributions RepOptimizers Figures 3 and 5 draw, as stored series (name, step, value, how):
+    for the positions ``all``, ``central`` and ``surrounding`` of a 3x3 kernel, the share of its parameters in each
+    of ``bins`` equal bins over [-m, m] (m: the kernel's largest magnitude), bin i at step i of
+    ``kernel_hist_<positions>``; and ``kernel_hist_range`` = m."""
+    k = kernel.detach().double()
+    m = float(k.abs().max()) or 1.0
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[1, 1] = False
+    out = [("kernel_hist_range", 0, m, "the histograms' range [-m, m], m = the largest |w|")]
+    for position, values in (("all", k.flatten()), ("central", k[..., 1, 1].flatten()),
+                             ("surrounding", k[..., mask].flatten())):
+        shares = torch.histc(values, bins=bins, min=-m, max=m) / values.numel()
+        out += [(f"kernel_hist_{position}", i, share, f"share of the {position} positions' {values.numel()} "
+                 f"parameters in bin {i} of {bins} over [-{m:.4g}, {m:.4g}]") for i, share in enumerate(shares.tolist())]
+    return out
 
 
 def sampled_layer(model: nn.Module, stage_depth: int = 16, index: int = 7) -> nn.Module:
@@ -153,7 +308,11 @@ def kernel_forms(block: nn.Module) -> dict[str, Tensor]:
 
 # -- in a run: what a quantization table asks of a trained model --------------------------------------------------------
 
-QUANT_METRICS = ("top1_ptq", "kernel_std", "kernel_std_central", "kernel_std_surrounding")
+KERNEL_METRICS = ("kernel_std", "kernel_std_central", "kernel_std_surrounding")
+# the quantization column any classification table can ask for (run_suite TABLE --quantize): INT8 top-1 and its
+# drop from the deployed float model on the same images, INT8 latency beside the float model's on this CPU
+QUANT_COLUMN = ("top1_ptq", "top1_ptq_drop", "latency_int8")
+QUANT_METRICS = ("top1_ptq", "top1_ptq_drop", "latency_int8", *KERNEL_METRICS)
 
 
 def default_kernel_form(rep: str) -> str:
@@ -166,14 +325,9 @@ def measure_trained(model: nn.Module, config: dict, recipe, data_root, device: s
     """The quantization metrics ``config["metrics"]`` asks of the trained (train-form) ``model``, as MetricRecords:
     the sampled kernel's std in the row's form (``kernel_form``), and the PTQ INT8 top-1 of the deployed model on the
     recipe's validation set (calibrated on ``recipe.calibration_images`` training images drawn with the run's
-    seed), with ``float_top1`` the deployed float model's top-1 on the same images too. ``model`` is not changed."""
-    import copy
-
-    from torch.utils.data import DataLoader, Subset
-
-    from backbones import deploy
+    seed), with ``float_top1`` the deployed float model's top-1 on the same images too; the quantization column's
+    drop and INT8 latency (QUANT_COLUMN). ``model`` is not changed."""
     from results import MetricRecord
-    from .data import build_datasets
 
     wanted = set(config["metrics"])
     records = []
@@ -188,34 +342,105 @@ def measure_trained(model: nn.Module, config: dict, recipe, data_root, device: s
                  "kernel_std_surrounding": "the eight surrounding positions"}
         records += [MetricRecord(name, value, "", method=f"{how}: {where[name]}")
                     for name, value in kernel_std(forms[form]).items() if name in wanted]
-    if "top1_ptq" in wanted:
-        train_set, val_set = build_datasets(recipe.dataset, data_root, recipe.resolution, recipe.eval_crop,
-                                            recipe.eval_resolution)
-        if recipe.max_iters is not None:  # smoke: as the training run's own validation, a couple of batches
-            val_set = Subset(val_set, range(min(len(val_set), 2 * recipe.batch)))
-        n = min(recipe.calibration_images, len(train_set))
-        picked = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config["seed"]))[:n]
-        calibration = [x for x, _ in DataLoader(Subset(train_set, picked.tolist()), batch_size=32)]
-        deployed = deploy(copy.deepcopy(model).to("cpu").eval())
-        setting = QuantSetting(calibration_images=n)
-        context = dict(device="cpu", dtype="int8", batch=64, resolution=recipe.test_resolution)
-        with torch.no_grad():
-            finite = all(bool(torch.isfinite(deployed(x)).all()) for x in calibration)
-        if not finite:  # a diverged model: nothing to calibrate on; the number says so rather than failing the run
-            return records + [MetricRecord("top1_ptq", float("nan"), "%", method="not quantized: the deployed float "
-                                           "model's outputs on the calibration images are not finite", **context)]
-        qmodel = quantize_ptq(deployed, calibration, setting)
-        hits = total = float_hits = 0
-        for x, y in DataLoader(val_set, batch_size=64):
-            hits += int((int8_forward(qmodel, x).argmax(1) == y).sum())
-            if float_top1:
-                with torch.no_grad():
-                    float_hits += int((deployed(x).argmax(1) == y).sum())
-            total += len(y)
-        where = (f"on {total} {recipe.dataset} val images; " + ", ".join(f"{k} {v}" for k, v in
-                 setting.as_dict().items()))
-        records.append(MetricRecord("top1_ptq", 100 * hits / total, "%", method=f"INT8 PTQ top-1 {where}", **context))
-        if float_top1:
-            records.append(MetricRecord("top1", 100 * float_hits / total, "%", method=f"float top-1 of the deployed "
-                                        f"model {where.split(';')[0]}", **{**context, "dtype": "float32"}))
+        records += [MetricRecord(name, value, "", step=step, method=f"{how}: {text}")  # Figures 3 and 5
+                    for name, step, value, text in kernel_histograms(forms[form])]
+    qat = "top1_qat" in wanted and config.get("qat")
+    if wanted & set(QUANT_COLUMN) or qat:
+        train_set, val_set = _datasets(recipe, data_root)
+    if wanted & set(QUANT_COLUMN):
+        records += _measure_int8(model, config, recipe, train_set, val_set, float_top1, "top1_ptq_drop" in wanted,
+                                 "latency_int8" in wanted)
+    if qat:
+        records += _measure_qat(model, config, recipe, train_set, val_set, device)
+    return records
+
+
+def _datasets(recipe, data_root):
+    """The recipe's (train, val) sets; at smoke, as the training run's own validation, a couple of val batches."""
+    from torch.utils.data import Subset
+
+    from .data import build_datasets
+    train_set, val_set = build_datasets(recipe.dataset, data_root, recipe.resolution, recipe.eval_crop,
+                                        recipe.eval_resolution)
+    if recipe.max_iters is not None:
+        val_set = Subset(val_set, range(min(len(val_set), 2 * recipe.batch)))
+    return train_set, val_set
+
+
+def _hits(forward, x: Tensor, y: Tensor) -> int:
+    with torch.no_grad():
+        return int((forward(x).argmax(1) == y).sum())
+
+
+def _measure_qat(model: nn.Module, config: dict, recipe, train_set, val_set, device: str) -> list:
+    """QAT INT8 top-1 (Table 10): the trained model finetuned in its training form (QATSetting), then INT8."""
+    from torch.utils.data import DataLoader
+
+    from results import MetricRecord
+    from .probes import device_name
+
+    setting = QATSetting(epochs=recipe.qat_epochs, batch=recipe.batch * recipe.devices, max_iters=recipe.max_iters)
+    qmodel = qat_finetune(model, train_set, setting, seed=config["seed"], device=device)
+    hits = total = 0
+    for x, y in DataLoader(val_set, batch_size=64):
+        hits, total = hits + _hits(qmodel, x, y), total + len(y)
+    how = ", ".join(f"{k} {v}" for k, v in setting.as_dict().items())
+    return [MetricRecord("top1_qat", 100 * hits / total, "%", device=device_name("cpu"), dtype="int8", batch=64,
+                         resolution=recipe.test_resolution,
+                         method=f"INT8 top-1 after QAT of the training form ({config['rep']}) on {total} "
+                         f"{recipe.dataset} val images; finetuned on {device_name(device)}; {how}")]
+
+
+def _measure_int8(model: nn.Module, config: dict, recipe, train_set, val_set, float_top1: bool, drop: bool,
+                  latency: bool) -> list:
+    """PTQ INT8 top-1 of the deployed ``model``; with ``float_top1`` the float model's top-1 on the same images (a
+    ``top1`` record: for a table that trains nothing), with ``drop`` the difference of the two; with ``latency``
+    the INT8 and float latency on this CPU."""
+    import copy
+
+    from torch.utils.data import DataLoader, Subset
+
+    from backbones import deploy
+    from results import MetricRecord
+    from .probes import device_name
+
+    n = min(recipe.calibration_images, len(train_set))
+    picked = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config["seed"]))[:n]
+    calibration = [x for x, _ in DataLoader(Subset(train_set, picked.tolist()), batch_size=32)]
+    deployed = deploy(copy.deepcopy(model).to("cpu").eval())
+    setting = QuantSetting(calibration_images=n)
+    cpu = device_name("cpu")
+    context = dict(device=cpu, dtype="int8", batch=64, resolution=recipe.test_resolution)
+    with torch.no_grad():
+        finite = all(bool(torch.isfinite(deployed(x)).all()) for x in calibration)
+    if not finite:  # a diverged model: nothing to calibrate on; the number says so rather than failing the run
+        return [MetricRecord("top1_ptq", float("nan"), "%", method="not quantized: the deployed float model's "
+                             "outputs on the calibration images are not finite", **context)]
+    qmodel = quantize_ptq(deployed, calibration, setting)
+    hits = total = float_hits = 0
+    for x, y in DataLoader(val_set, batch_size=64):
+        hits += _hits(qmodel, x, y)
+        float_hits += _hits(deployed, x, y) if float_top1 or drop else 0
+        total += len(y)
+    where = f"on {total} {recipe.dataset} val images"
+    how = f"{where}; " + ", ".join(f"{k} {v}" for k, v in setting.as_dict().items())
+    int8_top1, float_top1_value = 100 * hits / total, 100 * float_hits / total
+    records = [MetricRecord("top1_ptq", int8_top1, "%", method=f"INT8 PTQ top-1 {how}", **context)]
+    if float_top1:
+        records.append(MetricRecord("top1", float_top1_value, "%", method=f"float top-1 of the deployed model "
+                                    f"{where}", **{**context, "dtype": "float32"}))
+    if drop:
+        records += [MetricRecord("top1_ptq_drop", float_top1_value - int8_top1, "points",
+                                 method=f"float top-1 of the deployed model ({float_top1_value:.2f}) - INT8 PTQ "
+                                 f"top-1, {how}", **context)]
+    if latency:
+        timed = probe_int8_latency(deployed, qmodel, recipe.test_resolution, recipe.latency_batch,
+                                   recipe.cost_warmup, recipe.cost_steps)
+        if "error" in timed:
+            records.append(MetricRecord("latency_int8", None, "s", method=timed["error"], device=cpu))
+        for m in timed.values() if "error" not in timed else ():
+            where_timed = dict(device=cpu, dtype="int8" if "int8" in m.name else "float32", batch=m.batch,
+                               resolution=m.resolution, threads=m.threads)
+            records.append(MetricRecord(m.name, m.value, m.unit, method=m.method, **where_timed))
+            records += [MetricRecord(k, v, m.unit, method=m.method, **where_timed) for k, v in m.extra.items()]
     return records

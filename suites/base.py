@@ -17,7 +17,8 @@ class MetricSpec:
     name: str
     unit: str
     label: str
-    kind: str  # "accuracy", "cost", "size" (exact counts) or "statistic" (a property of trained weights)
+    kind: str  # "accuracy", "cost", "size" (exact counts), "statistic" (a property of trained weights) or
+    #            "quantization" (the INT8 column: runners/quant.py)
     higher_is_better: bool
 
 
@@ -61,6 +62,9 @@ METRICS = {m.name: m for m in (
     # INT8 (RepOptimizers Tables 8, 10; measured by the quantization issue's protocol)
     MetricSpec("top1_ptq", "%", "PTQ INT8 top-1", "accuracy", True),
     MetricSpec("top1_qat", "%", "QAT INT8 top-1", "accuracy", True),
+    # the quantization column (run_suite TABLE --quantize; runners/quant.py): the report's INT8 family
+    MetricSpec("top1_ptq_drop", "points", "INT8 drop", "quantization", False),
+    MetricSpec("latency_int8", "s", "INT8 latency", "quantization", False),
     # standard deviation of one 3x3 kernel's parameters: all, centre, the eight surrounding positions (Tables 8, 11)
     MetricSpec("kernel_std", "", "Std of parameters", "statistic", False),
     MetricSpec("kernel_std_central", "", "Std (central)", "statistic", False),
@@ -263,8 +267,13 @@ class Row:
     # raw for a RepOpt-VGG target, as Table 8 reads them)
     measures: tuple[str, str] | None = None
     kernel_form: str | None = None
+    # the row's QAT (its top1_qat): "train_form" finetunes the trained model in its training form with fake
+    # quantization (RepOpt-VGG: conv + BN, as the paper; RepVGG: its branches, this suite's extra row); None: none
+    qat: str | None = None
 
     def __post_init__(self):
+        if self.qat not in (None, "train_form"):
+            raise ValueError(f"{self.name}: qat {self.qat!r}: expected train_form or None")
         if self.kernel_form not in (None, "raw", "bn_fused", "deployed"):
             raise ValueError(f"{self.name}: kernel_form {self.kernel_form!r}: expected raw, bn_fused or deployed")
         if self.freeze not in ("paper", "fair"):
@@ -350,6 +359,7 @@ class Recipe:
     throughput_batch: int = 128
     train_accuracy: bool = True
     calibration_images: int = 256  # INT8 PTQ (runners/quant.py): training images that calibrate the observers
+    qat_epochs: float = 10.0       # QAT finetuning (RepOptimizers Table 10; runners/quant.py QATSetting)
     seeds: int = 1               # run_suite's default --seeds at this scale
     seed_spread: float = 2.0     # top-1 points: a row whose seeds' std exceeds it is flagged in the report
 

@@ -51,6 +51,7 @@ def db_rows(path: Path, sql: str):
     (["finetune", "mmdet/faster-rcnn_repbench-dbb-r50_fpn_1x_coco.py", "--backbone", "resnet50:dbb", "--devices",
       "3"], "valid counts: 1, 2, 4, 8"),
     (["table4", "--seeds", "0"], "--seeds must be >= 1"),
+    (["orepa.table5", "--quantize"], "--quantize: orepa.table5 is a dense table"),
     (["report", "table99"], "unknown table"),
     (["table4", "--executor", "slurm"], "needs the database given explicitly"),
     (["table4", "--db", "sqlite://"], "in-memory database"),

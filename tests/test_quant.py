@@ -3,6 +3,8 @@ PT2E flow stays within a stated bound of the float model and is really quantized
 a record; Tables 8 / 11's standard deviations by position, of the kernel forms of RepVGG's and RepOpt-VGG's sampled
 layer."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,8 @@ from backbones import build_classifier, deploy
 from backbones.blocks import RepVGGBlock
 from backbones.repopt import RepOptConvBN
 from conftest import randomize
-from runners.quant import QuantSetting, int8_forward, kernel_forms, kernel_std, quantize_ptq, sampled_layer
+from runners.quant import (QATSetting, QuantSetting, int8_forward, kernel_forms, kernel_std, qat_finetune,
+                           quantize_ptq, sampled_layer)
 
 
 def test_kernel_std_by_position():
@@ -104,6 +107,32 @@ def test_a_deployed_repvgg_is_quantized_layer_by_layer_and_first_last_can_stay_f
     assert weight_dequantizes(kept) == layers - 2
 
 
+@pytest.mark.parametrize("rep,convs", [("repopt", 22), ("repvgg", 44)])
+def test_qat_quantizes_every_conv_of_the_training_form_and_starts_at_the_float_model(rep, convs):
+    """QAT (Table 10) of a RepVGG-A0-shaped model in its training form, every parameter and BN statistic
+    randomised: every conv gets fake-quantized INT8 weights — a RepOpt-VGG's 22 convs, and a RepVGG's 3x3 and 1x1
+    branches (44), which the x86 quantizer's own fusion patterns would leave in float — plus the classifier. At lr 0
+    with BN statistics frozen from the first step the INT8 model differs from the float model only by quantization
+    (within 3%, relative L2, not 0); the recipe is a record."""
+    from torch.utils.data import TensorDataset
+
+    model = randomize(build_classifier("repvgg_a0", rep, num_classes=10)).eval()
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+    setting = QATSetting(epochs=1, batch=8, lr=0.0, freeze_bn_after=0.0)
+    qmodel = qat_finetune(model, data, setting)
+    weights = sum("dequantize_per_channel" in str(n.target) for n in qmodel.graph.nodes)
+    assert weights == convs + 1
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        reference = model(x)
+    error = float((int8_forward(qmodel, x) - reference).norm() / reference.norm())
+    assert 0 < error <= 0.03
+    record = setting.as_dict()
+    assert record["lr"] == 0.0 and record["epochs"] == 1 and record["freeze_observers_after"] == 5 / 8
+    assert "is_qat=True" in record["quantizer"] and record["optimizer"] == "torch.optim.SGD"
+
+
 def test_tables_8_10_11_measure_the_same_two_trained_models(tmp_path):
     """repopt.table11 at smoke plans Table 8's RepVGG-B1 and RepOpt-VGG-B1 runs (and the latter's Hyper-Search)
     first, then measures their final weights (sha256-checked, recorded as each row's input): the RepVGG kernel in
@@ -146,6 +175,9 @@ def test_tables_8_10_11_measure_the_same_two_trained_models(tmp_path):
     t10 = values("repopt.table10")
     for row in ("RepOpt-VGG-B1", "RepVGG-1"):
         assert 0 <= t10[row, "top1_ptq"] <= 100 and 0 <= t10[row, "top1"] <= 100
+    qat = "RepVGG-B1, QAT of the training form (ours)"
+    assert 0 <= t10["RepOpt-VGG-B1", "top1_qat"] <= 100 and 0 <= t10[qat, "top1_qat"] <= 100
+    assert ("RepVGG-1", "top1_qat") not in t10  # N/A, as printed
     for table in ("table10", "table11"):
         assert run_cli("report", f"repopt.{table}", "--db", f"sqlite:///{db}", "--out", str(tmp_path / "out"),
                        cwd=tmp_path).returncode == 0
@@ -154,4 +186,44 @@ def test_tables_8_10_11_measure_the_same_two_trained_models(tmp_path):
     line = next(line for line in md.splitlines() if line.startswith("| RepVGG-B1 / after branch addition | finished"))
     assert f"| 0.0236 | {t11['RepVGG-B1 / after branch addition', 'kernel_std']:.4f} |" in line
     assert md.count("held") >= 3  # every neighbouring pair judged ("held" or "did not hold")
-    assert "N/A" in (tmp_path / "out" / "repopt.table10.md").read_text()
+    with sqlite3.connect(db) as c:  # Figures 3 and 5: each measured kernel's distribution, a share per bin
+        shares = c.execute("SELECT r.row_name, m.name, count(*), sum(m.value) FROM metrics m JOIN runs r ON "
+                           "m.run_id = r.id WHERE r.table_name = 'repopt.table11' AND m.name LIKE 'kernel_hist_%' "
+                           "AND m.name != 'kernel_hist_range' GROUP BY r.row_name, m.name").fetchall()
+    assert len(shares) == 4 * 3 and all(n == 60 and total == pytest.approx(1.0) for _, _, n, total in shares)
+    assert run_cli("report", "repopt.table11", "--format", "html", "--db", f"sqlite:///{db}", "--out",
+                   str(tmp_path / "out"), cwd=tmp_path).returncode == 0
+    assert 'alt="kernel histograms of repopt.table11 at smoke"' in (tmp_path / "out" / "repopt.table11.html").read_text()
+    md = (tmp_path / "out" / "repopt.table10.md").read_text()
+    assert "N/A" in md and f"| {qat} | finished |" in md
+
+
+def test_quantize_adds_the_int8_column_to_a_classification_table(tmp_path):
+    """``run_suite table4 --quantize`` (one RepVGG-A0 row at smoke): the trained model is deployed, quantized and
+    measured; the run stores INT8 top-1 with its calibration count and quantizer, the drop from the deployed float
+    model on the same images, and the INT8 and float latency on one execution path (both compiled), timed
+    interleaved, whose ratio is their per-step ratio; the report shows the quantization family."""
+    import sqlite3
+
+    from test_cli import run_cli
+    db = tmp_path / "db.sqlite"
+    where = ("--db", f"sqlite:///{db}", "--data-root", str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"))
+    done = run_cli("table4", "--only", "RepVGG-A0/RepVGG", "--quantize", *where, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with sqlite3.connect(db) as c:
+        got = {name: (value, method, dtype) for name, value, method, dtype in c.execute(
+            "SELECT name, value, method, dtype FROM metrics")}
+    top1, top1_int8, drop = got["top1"][0], got["top1_ptq"][0], got["top1_ptq_drop"][0]
+    assert 0 <= top1_int8 <= 100 and -100 <= drop <= 100
+    assert re.search(r"calibration_images \d+,", got["top1_ptq"][1]) and "X86InductorQuantizer" in got["top1_ptq"][1]
+    assert "HistogramObserver" in got["top1_ptq"][1] and got["top1_ptq"][2] == "int8"
+    assert f"({top1:.2f})" in got["top1_ptq_drop"][1]  # the training run's float top-1 on the same val images
+    int8, fp32 = got["latency_int8"], got["latency_compiled_fp32"]
+    assert int8[0] > 0 and fp32[0] > 0 and int8[2] == "int8" and fp32[2] == "float32"
+    assert "torch.compile" in int8[1] and "torch.compile" in fp32[1] and "interleaved" in int8[1]
+    assert got["latency_int8_ratio"][0] == pytest.approx(int8[0] / fp32[0])  # one timed pair at smoke
+    assert run_cli("report", "table4", "--db", f"sqlite:///{db}", "--out", str(tmp_path / "out"),
+                   cwd=tmp_path).returncode == 0
+    md = (tmp_path / "out" / "orepa.table4.md").read_text()
+    line = next(line for line in md.split("### Quantization")[1].splitlines() if line.startswith("| RepVGG-A0/RepVGG"))
+    assert f"| {got['latency_int8_ratio'][0]:.3g}x |" in line
