@@ -87,6 +87,7 @@ def quantize_ptq(model: nn.Module, calibration: Iterable[Tensor], setting: Quant
     model = model.eval()
     with torch.no_grad():  # any batch size: the batch dimension exported dynamic
         graph = torch.export.export(model, (batches[0],), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    _one_partition_per_call(graph)
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(_config())
     if setting.first_last_float:
@@ -99,6 +100,26 @@ def quantize_ptq(model: nn.Module, calibration: Iterable[Tensor], setting: Quant
     qmodel = convert_pt2e(prepared)
     allow_exported_model_train_eval(qmodel)  # .eval() as on any module (the probes call it)
     return qmodel
+
+
+ONE_OP_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.SiLU)
+
+
+def _one_partition_per_call(graph_module: nn.Module) -> None:
+    """torch.export (non-strict) leaves an op's module in ``nn_module_stack``, by the module's name, so one
+    activation module called at several places (a ResNet block's single ``relu``, torchvision's and this suite's)
+    becomes one source partition with several outputs, which the x86 quantizer's fusion patterns refuse ("Input
+    partition has more than one output node"). Such a module is one op per call: each call is renamed to a
+    partition of its own."""
+    names = {f"{m.__module__}.{m.__qualname__}" for m in ONE_OP_MODULES}
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        key, (fqn, cls) = list(stack.items())[-1]
+        name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+        if name in names:
+            node.meta["nn_module_stack"] = {**stack, key: (f"{fqn}@{node.name}", cls)}
 
 
 def int8_forward(qmodel: nn.Module, x: Tensor) -> Tensor:
@@ -214,6 +235,7 @@ def qat_finetune(model: nn.Module, train_set, setting: QATSetting, seed: int = 0
     model = copy.deepcopy(model).to(device).train()
     first, _ = next(iter(loader))
     graph = torch.export.export(model, (first.to(device),), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    _one_partition_per_call(graph)
     quantizer = _every_conv_qat()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
     prepared = prepare_qat_pt2e(graph, quantizer)

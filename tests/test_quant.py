@@ -107,6 +107,24 @@ def test_a_deployed_repvgg_is_quantized_layer_by_layer_and_first_last_can_stay_f
     assert weight_dequantizes(kept) == layers - 2
 
 
+@pytest.mark.parametrize("arch,rep", [("resnet18", "orepa"), ("repnext_t", "repnext")])
+def test_the_same_call_quantizes_every_method_s_deployed_model(arch, rep):
+    """One protocol for every method (RepVGG and plain nets above): the deployed OREPA ResNet-18 (whose blocks call
+    one ReLU twice, as torchvision's do: the x86 quantizer's fusion patterns refused that until each call got a
+    partition of its own) and RepNeXt (depthwise convs; LayerNorm stays float) — every conv and linear layer gets INT8 weights, and the INT8
+    logits stay near the float ones (within 10%, relative L2: random weights, 4 calibration images)."""
+    torch.manual_seed(0)
+    model = deploy(randomize(build_classifier(arch, rep, num_classes=10)).eval())
+    g = torch.Generator().manual_seed(4)
+    qmodel = quantize_ptq(model, [torch.randn(4, 3, 32, 32, generator=g)], QuantSetting(calibration_images=4))
+    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    assert sum("dequantize_per_channel" in str(n.target) for n in qmodel.graph.nodes) == layers
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        reference = model(x)
+    assert 0 < float((int8_forward(qmodel, x) - reference).norm() / reference.norm()) <= 0.10
+
+
 @pytest.mark.parametrize("rep,convs", [("repopt", 22), ("repvgg", 44)])
 def test_qat_quantizes_every_conv_of_the_training_form_and_starts_at_the_float_model(rep, convs):
     """QAT (Table 10) of a RepVGG-A0-shaped model in its training form, every parameter and BN statistic
