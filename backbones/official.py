@@ -1,0 +1,129 @@
+"""Published checkpoints of the official implementations, loaded exactly into this suite's models.
+
+``from_official(path, arch, rep, source)`` reads a file as the official repositories save it (a bare state dict,
+``{'state_dict': ...}`` or ``{'model': ...}``, DDP's ``module.`` prefix; ``weights_only=True``), renames every key to
+this suite's layout by the source's rules (written from the layouts, ../shared/reference/official-code-notes.md; no
+official code is imported), and loads it strictly into ``build_classifier(arch, rep)`` — deployed first when the
+file holds the deploy form. A key no rule places, a key the model lacks, a missing key or a shape that differs is
+an :class:`OfficialError` naming the first such keys: the file is refused, never half-loaded.
+
+Sources built so far: ``repvgg`` (DingXiaoH/RepVGG: ``RepVGGBlock`` training files, and files converted to the
+deploy form by the repo's own tool). ``orepa``, ``dbb`` and ``repopt`` are refused with that message until their
+mappings land.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .deploy import CheckpointError
+
+SOURCES = ("orepa", "dbb", "repvgg", "repopt")
+BUILT = ("repvgg",)
+
+
+class OfficialError(CheckpointError):
+    """A file that cannot be mapped fully onto the model: the message names the first keys at fault."""
+
+
+def read_official(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The state dict of an official file: unwrapped from ``state_dict`` / ``model``, DDP's ``module.`` removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise OfficialError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or objects weights_only refuses
+        raise OfficialError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise OfficialError(f"{path} holds no state dict (a bare one, or under 'state_dict' / 'model')")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+# -- RepVGG (DingXiaoH/RepVGG, repvgg.py): stage0 is one block, stages 1-4 Sequentials of blocks, ``linear`` -----------
+# A training block: rbr_dense = (conv 3x3, BN), rbr_1x1 = (conv 1x1, BN), rbr_identity = BN where in == out and stride
+# 1; a converted block: rbr_reparam (conv 3x3 with bias). This suite: ``stem``; ``stage{i}`` holds block, ReLU, block,
+# ... (block j at index 2j); a training block's branches ``origin`` / ``1x1`` and norms ``origin`` / ``1x1`` /
+# ``identity``; a deployed block is the conv itself; ``fc``.
+_REPVGG_PARTS = ((r"rbr_dense\.conv\.weight$", "branches.origin.weight"), (r"rbr_dense\.bn\.", "norms.origin."),
+                 (r"rbr_1x1\.conv\.weight$", "branches.1x1.weight"), (r"rbr_1x1\.bn\.", "norms.1x1."),
+                 (r"rbr_identity\.", "norms.identity."), (r"rbr_reparam\.weight$", "weight"),
+                 (r"rbr_reparam\.bias$", "bias"))
+
+
+def _repvgg_key(key: str) -> str | None:
+    if key.startswith("linear."):
+        return "fc." + key[len("linear."):]
+    found = re.match(r"stage0\.(.*)$", key) or re.match(r"stage([1-4])\.(\d+)\.(.*)$", key)
+    if not found:
+        return None
+    prefix = "stem." if key.startswith("stage0.") else f"stage{found.group(1)}.{2 * int(found.group(2))}."
+    rest = found.groups()[-1]
+    for pattern, replacement in _REPVGG_PARTS:
+        if re.match(pattern, rest):
+            return prefix + re.sub(pattern, replacement, rest, count=1)
+    return None
+
+
+MAPPERS = {"repvgg": _repvgg_key}
+DEPLOY_MARKERS = {"repvgg": "rbr_reparam."}
+
+
+def official_form(state: dict, source: str) -> str:
+    """``deploy`` when the file holds the converted (inference) form, else ``train``."""
+    return "deploy" if any(DEPLOY_MARKERS[source] in k for k in state) else "train"
+
+
+def map_official(state: dict[str, Tensor], source: str, target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` renamed to the keys of ``target`` (a model's state dict), checked key by key and shape by shape.
+    BN's ``num_batches_tracked`` counters, which some files lack, are taken from ``target`` where absent."""
+    mapper = MAPPERS[source]
+    mapped, unplaced, mismatched = {}, [], []
+    for key, value in state.items():
+        new = mapper(key)
+        if new is None or new not in target:
+            unplaced.append(key)
+        elif tuple(value.shape) != tuple(target[new].shape):
+            mismatched.append(f"{key} {tuple(value.shape)} (the model's {new}: {tuple(target[new].shape)})")
+        else:
+            mapped[new] = value.to(target[new].dtype)
+    if unplaced:
+        raise OfficialError(f"{len(unplaced)} key(s) of the file have no place in the model: "
+                            + ", ".join(unplaced[:3]) + (", ..." if len(unplaced) > 3 else ""))
+    if mismatched:
+        raise OfficialError(f"{len(mismatched)} tensor(s) differ in shape (another architecture?): "
+                            + "; ".join(mismatched[:2]) + ("; ..." if len(mismatched) > 2 else ""))
+    missing = [k for k in target if k not in mapped and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise OfficialError(f"{len(missing)} parameter(s) of the model are not in the file (truncated, or another "
+                            "architecture?): " + ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""))
+    return {**{k: v for k, v in target.items() if k not in mapped}, **mapped}
+
+
+def from_official(path: str | os.PathLike, arch: str, rep: str, source: str, variant: str | dict | None = None
+                  ) -> nn.Module:
+    """A repbench model holding the weights of an official checkpoint (see the module docstring), in the form the
+    file holds (train, or deploy), in eval mode; its head has the file's number of classes."""
+    from . import build_classifier, deploy
+
+    if source not in SOURCES:
+        raise OfficialError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    if source not in BUILT:
+        raise OfficialError(f"source {source!r}: its mapping is not built yet (built: {', '.join(BUILT)})")
+    state = read_official(path)
+    head = state.get("linear.weight")
+    if head is None or head.dim() != 2:
+        raise OfficialError(f"{path}: no classifier ('linear.weight') in the file")
+    model = build_classifier(arch, rep, variant=variant, num_classes=head.shape[0]).eval()
+    if official_form(state, source) == "deploy":
+        model = deploy(model)
+    model.load_state_dict(map_official(state, source, model.state_dict()), strict=True)
+    return model.eval()
