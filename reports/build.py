@@ -205,15 +205,56 @@ def _paper_and_measured(label: str, paper, r: _Row, name: str) -> dict[str, str]
             f"{label} measured": r.measured(name)}
 
 
-def _accuracy_family(table, scale, rows: dict[str, _Row], names, spread: float) -> Family:
+PUBLISHED = "repbench.published"  # run_suite evaluate (runners/evaluate.py)
+
+
+def _variant_key(arch: str, rep: str, variant_params: dict[str, str]) -> tuple:
+    return arch, rep, tuple(sorted(variant_params.items()))
+
+
+def row_model_key(row) -> tuple | None:
+    """A row's (arch, rep, resolved variant) as the runs' configs store it; None for a model this suite lacks."""
+    from backbones import resolve_variant
+    from results.store import _flatten
+    try:
+        variant = resolve_variant(row.rep, row.variant).as_dict()
+    except (KeyError, ValueError):
+        return None
+    return _variant_key(row.arch, row.rep, _flatten({"variant": variant}))
+
+
+def published_weights(store) -> dict[tuple, str]:
+    """(arch, rep, variant) -> the top-1 of each official checkpoint of that model evaluated in this harness
+    (``run_suite evaluate``), with its source."""
+    import json
+    runs = store.runs_frame(PUBLISHED)
+    if runs.empty:
+        return {}
+    metrics = store.metrics_frame(PUBLISHED)
+    found: dict[tuple, list[str]] = {}
+    for run in runs[runs.status == "finished"].itertuples():
+        params = store.params_of(run.id)
+        top1 = metrics[(metrics.run_id == run.id) & (metrics.name == "top1")].value
+        if len(top1):
+            key = _variant_key(params["arch"], params["rep"], {k: json.dumps(v, sort_keys=True)
+                                                                for k, v in params.items() if k.startswith("variant.")})
+            found.setdefault(key, []).append(f"{top1.iloc[0]:.2f} ({params['published.source']})")
+    return {key: "; ".join(values) for key, values in found.items()}
+
+
+def _accuracy_family(table, scale, rows: dict[str, _Row], names, spread: float, published: dict | None = None
+                     ) -> Family:
     """At the paper scale: paper | measured | delta | verdict; elsewhere the scale's own numbers beside the paper's
     (a delta between a smoke run and ImageNet means nothing). A row whose seeds' std exceeds ``spread`` points is
-    flagged: its mean does not rank it."""
+    flagged: its mean does not rank it. Where official checkpoints of a row's model were evaluated here
+    (``published``), top-1 shows them as a third value, "published weights"."""
+    keys = {row.name: row_model_key(row) for row in table.rows} if published else {}
+    shown = [n for n in names if n == "top1"] if any(k in (published or {}) for k in keys.values()) else []
     columns = ["row", "status"]
     for name in names:
         label = METRICS[name].label
-        columns += [f"{label} paper", f"{label} measured"] + ([f"{label} delta", f"{label} reproduced?"]
-                                                              if scale == "paper" else [])
+        columns += [f"{label} paper", f"{label} measured"] + ([f"{label} published weights"] if name in shown else []) \
+            + ([f"{label} delta", f"{label} reproduced?"] if scale == "paper" else [])
     out = []
     for row in table.rows:
         r = rows[row.name]
@@ -221,6 +262,8 @@ def _accuracy_family(table, scale, rows: dict[str, _Row], names, spread: float) 
         for name in names:
             label, paper = METRICS[name].label, row.paper.get(name)
             cells.update(_paper_and_measured(label, paper, r, name))
+            if name in shown:
+                cells[f"{label} published weights"] = published.get(keys[row.name], "–")
             std = _mean_std(list(r.values(name).value))[1]
             if std is not None and std > spread:
                 cells[f"{label} measured"] += f" ⚠ seeds disagree (std > {spread:g})"
@@ -443,7 +486,8 @@ def lineage(store, table_key: str) -> dict[int, str]:
 
 
 def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.DataFrame,
-                  envs: pd.DataFrame | None = None, inputs: dict[int, str] | None = None) -> Section:
+                  envs: pd.DataFrame | None = None, inputs: dict[int, str] | None = None,
+                  published: dict | None = None) -> Section:
     recipe = table.recipes[scale]
     if table.runner == "dense":  # one train_step of each row's mm config; the paper's regime is the stock config's
         at_paper_regime = recipe.batch is None and recipe.image_scale is None and recipe.data == "real"
@@ -476,7 +520,8 @@ def build_section(table: Table, scale: str, runs: pd.DataFrame, metrics: pd.Data
     accuracy = [n for n in table.metrics if METRICS[n].kind == "accuracy"]
     costs = [n for n in table.metrics if METRICS[n].kind == "cost"]
     if accuracy:
-        families.append(_accuracy_family(table, scale, rows, accuracy, recipe.seed_spread))
+        families.append(_accuracy_family(table, scale, rows, accuracy, recipe.seed_spread,
+                                         published if table.key != PUBLISHED else None))
     if costs:
         families.append(_cost_family(table, rows, costs, at_paper_regime))
     families += [f for f in (_statistic_family(table, rows), _size_family(table, rows),
@@ -534,8 +579,10 @@ def build_table_report(table: Table, store) -> dict:
     if runs.empty:
         report["printed"] = printed_values(table)
         return report
+    published = published_weights(store)
     for scale in [s for s in table.scales if s in set(runs.scale)]:
-        report["sections"].append(build_section(table, scale, runs, metrics, envs, lineage(store, table.key)))
+        report["sections"].append(build_section(table, scale, runs, metrics, envs, lineage(store, table.key),
+                                                published))
     report["runs"] = runs[["id", "run_key", "row_name", "scale", "seed", "status", "attempt", "executor",
                            "diverged_step", "error"]].to_dict("records")
     for run in report["runs"]:

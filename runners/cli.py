@@ -6,7 +6,9 @@
                     [--force] [--dry-run] [--wait] [--cluster FILE] [--partition P] [--account A] [--qos Q]
                     [--constraint C]
     run_suite status TABLE [--scale S] [--db URL] [--wait]
-    run_suite report TABLE|all [--db URL] [--format md|html] [--out DIR]
+    run_suite report TABLE|all|finetune|published [--db URL] [--format md|html] [--out DIR]
+    run_suite finetune CONFIG --backbone ARCH:REP[:VARIANT] ...        (runners/finetune.py)
+    run_suite evaluate --checkpoint PATH --source SOURCE --arch ARCH --rep REP ...   (runners/evaluate.py)
 
 Bad input (unknown table or row, a scale the table lacks, a bad or unusable --db, a missing external dataset or an
 explicit root that does not exist, a bad cluster file) prints one line and exits with code 2 before anything is
@@ -768,18 +770,72 @@ def cmd_finetune(argv, console: Console) -> int:
         store.close()
 
 
+def cmd_evaluate(argv, console: Console) -> int:
+    """``run_suite evaluate``: runners/evaluate.py; checked like a run (one line, exit 2, nothing written)."""
+    from backbones import build_classifier
+    from backbones.official import OfficialError, from_official
+    from runners import evaluate
+    from runners.data import resolve_data_root
+    from runners.jobs import resolve_artifacts_root
+
+    args = evaluate.parser().parse_args(argv)
+    if args.devices != 1:
+        raise BadInput("--devices: evaluation runs in one process here (--devices 1)")
+    try:
+        build_classifier(args.arch, args.rep, variant=args.variant, num_classes=2)
+    except (KeyError, ValueError) as e:
+        raise BadInput(str(e.args[0] if e.args else e).splitlines()[0]) from None
+    try:  # the whole mapping, before anything is written
+        from_official(args.checkpoint, args.arch, args.rep, args.source, variant=args.variant)
+    except OfficialError as e:
+        raise BadInput(f"--checkpoint: {e}") from None
+    images = Path(args.images) if args.images else resolve_data_root(args.data_root) / "imagenet" / "val"
+    if not images.is_dir() or not any(p.is_dir() for p in images.iterdir()):
+        raise BadInput(f"{images}: no ImageFolder of validation images (class folders) there "
+                       "(--images DIR, or --data-root with imagenet/val)")
+    url = _checked_url(args.db, must_exist=False)
+    public_url, secret_env = split_secret(url)
+    artifacts = str(resolve_artifacts_root(args.artifacts))
+    from results import Store
+    try:
+        store = Store(url)
+    except StoreError as e:
+        raise BadInput(str(e)) from None
+    job, table = evaluate.plan_job(args, images.resolve(), public_url, artifacts)
+    args.scale, args.devices = "paper", 1
+    os.environ.update(secret_env)
+    from runners.executors import LocalExecutor
+    from runners.jobs import COMMAND_ENV
+    os.environ[COMMAND_ENV] = " ".join(["run_suite", "evaluate", *(mask_url(a) if "://" in a else a for a in argv)])
+    try:
+        run = store.ensure_run(job.spec)
+        job.run_id = run.id
+        if run.status in FINAL:
+            console.print(f"nothing to do: {job.spec.row_name} (run {run.id}) is already {run.status} "
+                          "('run_suite report published' shows it)")
+            return 0
+        console.print(f"evaluate {job.spec.row_name} on {images}: database {store.url}")
+        return _run_local(LocalExecutor(), [job], store, table, args, console)
+    finally:
+        store.close()
+
+
+STORE_TABLES = {"finetune": "runners.finetune", "published": "runners.evaluate"}  # rows: the runs in the database
+
+
 def cmd_report(argv, console: Console) -> int:
     args = report_parser().parse_args(argv)
-    finetunes = args.table in ("finetune", "repbench.finetune")
-    if not finetunes and args.table != "all":
+    stored = next((name for name in STORE_TABLES if args.table in (name, f"repbench.{name}")), None)
+    if not stored and args.table != "all":
         _table(args.table)  # an unknown table is bad input before the database is looked at
     url = _checked_url(args.db, must_exist=True)
-    if finetunes:  # its rows are the finetune runs in the database
+    if stored:
+        import importlib
+
         from results import Store
-        from runners.finetune import table_from_store
         store = Store(url, migrate=False)
         try:
-            tables = [table_from_store(store)]
+            tables = [importlib.import_module(STORE_TABLES[stored]).table_from_store(store)]
         finally:
             store.close()
     else:
@@ -801,7 +857,8 @@ def cmd_report(argv, console: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console(width=None if sys.stdout.isatty() else 120)
-    commands = {"list": cmd_list, "report": cmd_report, "status": cmd_status, "finetune": cmd_finetune}
+    commands = {"list": cmd_list, "report": cmd_report, "status": cmd_status, "finetune": cmd_finetune,
+                "evaluate": cmd_evaluate}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:], console)

@@ -380,6 +380,13 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
                 if dist.is_main:
                     store.finish_run(run_id, status, claim=claim, attempt_status=status)
                 return status
+            if c.get("published"):  # an official checkpoint, evaluated (runners/evaluate.py): nothing trains
+                from . import evaluate
+                if dist.is_main:
+                    store.log_environment(run_id, environment(device), owner=claim.owner)
+                    evaluate.execute(store, claim, job, device)
+                    store.finish_run(run_id, "finished", claim=claim, attempt_status="finished")
+                return "finished"
             recipe = Recipe.from_dict(c["recipe"])
             if c.get("measures"):  # another run's final weights, measured (quantization tables): nothing trains
                 if dist.is_main:

@@ -3,7 +3,6 @@ PT2E flow stays within a stated bound of the float model and is really quantized
 a record; Tables 8 / 11's standard deviations by position, of the kernel forms of RepVGG's and RepOpt-VGG's sampled
 layer."""
 
-import re
 
 import numpy as np
 import pytest
@@ -216,34 +215,3 @@ def test_tables_8_10_11_measure_the_same_two_trained_models(tmp_path):
     assert 'alt="kernel histograms of repopt.table11 at smoke"' in (tmp_path / "out" / "repopt.table11.html").read_text()
     md = (tmp_path / "out" / "repopt.table10.md").read_text()
     assert "N/A" in md and f"| {qat} | finished |" in md
-
-
-def test_quantize_adds_the_int8_column_to_a_classification_table(tmp_path):
-    """``run_suite table4 --quantize`` (one RepVGG-A0 row at smoke): the trained model is deployed, quantized and
-    measured; the run stores INT8 top-1 with its calibration count and quantizer, the drop from the deployed float
-    model on the same images, and the INT8 and float latency on one execution path (both compiled), timed
-    interleaved, whose ratio is their per-step ratio; the report shows the quantization family."""
-    import sqlite3
-
-    from test_cli import run_cli
-    db = tmp_path / "db.sqlite"
-    where = ("--db", f"sqlite:///{db}", "--data-root", str(tmp_path / "data"), "--artifacts", str(tmp_path / "art"))
-    done = run_cli("table4", "--only", "RepVGG-A0/RepVGG", "--quantize", *where, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    with sqlite3.connect(db) as c:
-        got = {name: (value, method, dtype) for name, value, method, dtype in c.execute(
-            "SELECT name, value, method, dtype FROM metrics")}
-    top1, top1_int8, drop = got["top1"][0], got["top1_ptq"][0], got["top1_ptq_drop"][0]
-    assert 0 <= top1_int8 <= 100 and -100 <= drop <= 100
-    assert re.search(r"calibration_images \d+,", got["top1_ptq"][1]) and "X86InductorQuantizer" in got["top1_ptq"][1]
-    assert "HistogramObserver" in got["top1_ptq"][1] and got["top1_ptq"][2] == "int8"
-    assert f"({top1:.2f})" in got["top1_ptq_drop"][1]  # the training run's float top-1 on the same val images
-    int8, fp32 = got["latency_int8"], got["latency_compiled_fp32"]
-    assert int8[0] > 0 and fp32[0] > 0 and int8[2] == "int8" and fp32[2] == "float32"
-    assert "torch.compile" in int8[1] and "torch.compile" in fp32[1] and "interleaved" in int8[1]
-    assert got["latency_int8_ratio"][0] == pytest.approx(int8[0] / fp32[0])  # one timed pair at smoke
-    assert run_cli("report", "table4", "--db", f"sqlite:///{db}", "--out", str(tmp_path / "out"),
-                   cwd=tmp_path).returncode == 0
-    md = (tmp_path / "out" / "orepa.table4.md").read_text()
-    line = next(line for line in md.split("### Quantization")[1].splitlines() if line.startswith("| RepVGG-A0/RepVGG"))
-    assert f"| {got['latency_int8_ratio'][0]:.3g}x |" in line
