@@ -3,7 +3,6 @@ PT2E flow stays within a stated bound of the float model and is really quantized
 a record; Tables 8 / 11's standard deviations by position, of the kernel forms of RepVGG's and RepOpt-VGG's sampled
 layer."""
 
-
 import numpy as np
 import pytest
 import torch
