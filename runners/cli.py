@@ -753,18 +753,25 @@ def cmd_finetune(argv, console: Console) -> int:
         raise BadInput(str(e)) from None
     job, table = finetune.plan_job(args, data_root, public_url, artifacts, store)
     args.scale = job.spec.scale
+    return _run_single("finetune", job, table, store, secret_env, args, argv, console,
+                       f"finetune {job.spec.row_name} at {args.scale}")
+
+
+def _run_single(command: str, job, table, store, secret_env: dict, args, argv, console: Console, start: str) -> int:
+    """One job of ``run_suite finetune`` / ``evaluate`` in this process's executor (unless already done); closes
+    ``store``. Its table's report: ``run_suite report <command's table>``."""
     os.environ.update(secret_env)
     from runners.executors import LocalExecutor
     from runners.jobs import COMMAND_ENV
-    os.environ[COMMAND_ENV] = " ".join(["run_suite", "finetune", *(mask_url(a) if "://" in a else a for a in argv)])
+    os.environ[COMMAND_ENV] = " ".join(["run_suite", command, *(mask_url(a) if "://" in a else a for a in argv)])
     try:
         run = store.ensure_run(job.spec)
         job.run_id = run.id
         if run.status in FINAL:
-            console.print(f"nothing to do: this finetune run ({job.spec.row_name}, run {run.id}) is already "
-                          f"{run.status} ('run_suite report finetune' shows it)")
+            console.print(f"nothing to do: {job.spec.row_name} (run {run.id}) is already {run.status} "
+                          f"('run_suite report {job.spec.table_name.split('.', 1)[1]}' shows it)")
             return 0
-        console.print(f"finetune {job.spec.row_name} at {args.scale}: database {store.url}")
+        console.print(f"{start}: database {store.url}")
         return _run_local(LocalExecutor(), [job], store, table, args, console)
     finally:
         store.close()
@@ -803,21 +810,8 @@ def cmd_evaluate(argv, console: Console) -> int:
         raise BadInput(str(e)) from None
     job, table = evaluate.plan_job(args, images.resolve(), public_url, artifacts)
     args.scale, args.devices = "paper", 1
-    os.environ.update(secret_env)
-    from runners.executors import LocalExecutor
-    from runners.jobs import COMMAND_ENV
-    os.environ[COMMAND_ENV] = " ".join(["run_suite", "evaluate", *(mask_url(a) if "://" in a else a for a in argv)])
-    try:
-        run = store.ensure_run(job.spec)
-        job.run_id = run.id
-        if run.status in FINAL:
-            console.print(f"nothing to do: {job.spec.row_name} (run {run.id}) is already {run.status} "
-                          "('run_suite report published' shows it)")
-            return 0
-        console.print(f"evaluate {job.spec.row_name} on {images}: database {store.url}")
-        return _run_local(LocalExecutor(), [job], store, table, args, console)
-    finally:
-        store.close()
+    return _run_single("evaluate", job, table, store, secret_env, args, argv, console,
+                       f"evaluate {job.spec.row_name} on {images}")
 
 
 STORE_TABLES = {"finetune": "runners.finetune", "published": "runners.evaluate"}  # rows: the runs in the database
