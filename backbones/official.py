@@ -8,8 +8,9 @@ file holds the deploy form. A key no rule places, a key the model lacks, a missi
 an :class:`OfficialError` naming the first such keys: the file is refused, never half-loaded.
 
 Sources built so far: ``repvgg`` (DingXiaoH/RepVGG: ``RepVGGBlock`` training files, and files converted to the
-deploy form by the repo's own tool). ``orepa``, ``dbb`` and ``repopt`` are refused with that message until their
-mappings land.
+deploy form by the repo's own tool) and ``dbb`` (DingXiaoH/DiverseBranchBlock: DBB and ACB ResNets, DBB MobileNetV1,
+training and deploy files, both BNAndPad layouts). ``orepa`` and ``repopt`` are refused with that message until
+their mappings land.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from .deploy import CheckpointError
 
 SOURCES = ("orepa", "dbb", "repvgg", "repopt")
-BUILT = ("repvgg",)
+BUILT = ("repvgg", "dbb")
 
 
 class OfficialError(CheckpointError):
@@ -59,7 +60,7 @@ _REPVGG_PARTS = ((r"rbr_dense\.conv\.weight$", "branches.origin.weight"), (r"rbr
                  (r"rbr_reparam\.bias$", "bias"))
 
 
-def _repvgg_key(key: str) -> str | None:
+def _repvgg_key(key: str, arch: str, target: dict, form: str) -> str | None:
     if key.startswith("linear."):
         return "fc." + key[len("linear."):]
     found = re.match(r"stage0\.(.*)$", key) or re.match(r"stage([1-4])\.(\d+)\.(.*)$", key)
@@ -73,22 +74,83 @@ def _repvgg_key(key: str) -> str | None:
     return None
 
 
-MAPPERS = {"repvgg": _repvgg_key}
-DEPLOY_MARKERS = {"repvgg": "rbr_reparam."}
+# -- DBB / ACB (DingXiaoH/DiverseBranchBlock): only 3x3 convs become blocks, 1x1 and 7x7 stay ConvBN ---------------------
+# ResNet: ``stage0.conv1`` (our ``stem``), ``stage{s}.{j}.{conv1,conv2,conv3,shortcut}`` (our ``layer{s}.{j}...``),
+# ``linear``; MobileNetV1: ``conv1`` (our ``features.0``), ``stem.{i}.depthwise`` / ``.pointwise`` (our
+# ``features.{4i+2}`` / ``features.{4i+4}``: ReLUs between). Within a site: ConvBN ``conv`` / ``bn`` as ours; DBB
+# branches ``dbb_origin``, ``dbb_1x1``, ``dbb_avg`` (conv, BNAndPad ``bn``, ``avgbn``), ``dbb_1x1_kxk`` (``idconv1``
+# — a zero-initialised difference from the identity, as our ``first`` is: copied as is — or ``conv1`` at a
+# depthwise site, BNAndPad ``bn1``, ``conv2``, ``bn2``); files from before the repo's PR #10 lack the BNAndPad's inner
+# ``.bn``. ACB: ``square`` / ``hor`` (1 x k) / ``ver`` (k x 1) convs and BNs. Deploy: ``dbb_reparam`` / ``fused_conv``
+# / a ConvBN's ``conv`` with bias -> the site's conv.
+_DBB_PARTS = ((r"dbb_origin\.conv\.weight$", "branches.origin.weight"), (r"dbb_origin\.bn\.", "norms.origin."),
+              (r"dbb_1x1\.conv\.weight$", "branches.1x1.weight"), (r"dbb_1x1\.bn\.", "norms.1x1."),
+              (r"dbb_avg\.conv\.weight$", "branches.avg.conv1x1"), (r"dbb_avg\.bn\.(bn\.)?", "branches.avg.mid_bn."),
+              (r"dbb_avg\.avgbn\.", "norms.{avg}."),
+              (r"dbb_1x1_kxk\.(idconv1|conv1)\.weight$", "branches.1x1_kxk.first"),
+              (r"dbb_1x1_kxk\.bn1\.(bn\.)?", "branches.1x1_kxk.mid_bn."),
+              (r"dbb_1x1_kxk\.conv2\.weight$", "branches.1x1_kxk.second"), (r"dbb_1x1_kxk\.bn2\.", "norms.1x1_kxk."),
+              (r"square_conv\.weight$", "branches.origin.weight"), (r"square_bn\.", "norms.origin."),
+              (r"hor_conv\.weight$", "branches.hor.weight"), (r"hor_bn\.", "norms.hor."),
+              (r"ver_conv\.weight$", "branches.ver.weight"), (r"ver_bn\.", "norms.ver."))
+_DBB_DEPLOY = ((r"(dbb_reparam|fused_conv|conv)\.(weight|bias)$", r"\2"),)
+
+
+def _dbb_site(key: str, arch: str) -> tuple[str, str] | None:
+    """(our prefix of the conv site, the rest of the key)."""
+    if arch.startswith("mobilenet"):
+        found = re.match(r"conv1\.(.*)$", key)
+        if found:
+            return "features.0.", found.group(1)
+        found = re.match(r"stem\.(\d+)\.(depthwise|pointwise)\.(.*)$", key)
+        if found:
+            i = int(found.group(1))
+            return f"features.{4 * i + (2 if found.group(2) == 'depthwise' else 4)}.", found.group(3)
+        return None
+    found = re.match(r"stage0\.conv1\.(.*)$", key)
+    if found:
+        return "stem.", found.group(1)
+    found = re.match(r"stage([1-4])\.(\d+)\.(conv[123]|shortcut)\.(.*)$", key)
+    if found:
+        return f"layer{found.group(1)}.{found.group(2)}.{found.group(3)}.", found.group(4)
+    return None
+
+
+def _dbb_key(key: str, arch: str, target: dict, form: str) -> str | None:
+    if key.startswith("linear."):
+        return "fc." + key[len("linear."):]
+    site = _dbb_site(key, arch)
+    if site is None:
+        return None
+    prefix, rest = site
+    if form == "train" and re.match(r"(conv\.weight|bn\.\w+)$", rest):  # a ConvBN: the same names as ours
+        return prefix + rest
+    for pattern, replacement in _DBB_DEPLOY if form == "deploy" else _DBB_PARTS:
+        if re.match(pattern, rest):
+            # the averaging branch's BN: ``norms.avg`` (after a 1x1 conv) or, at a depthwise site, ``norms.avg_only``
+            avg = "avg_only" if any(k.startswith(prefix + "norms.avg_only.") for k in target) else "avg"
+            return prefix + re.sub(pattern, replacement.replace("{avg}", avg), rest, count=1)
+    return None
+
+
+MAPPERS = {"repvgg": _repvgg_key, "dbb": _dbb_key}
+DEPLOY_MARKERS = {"repvgg": ("rbr_reparam.",), "dbb": ("dbb_reparam.", "fused_conv.")}
 
 
 def official_form(state: dict, source: str) -> str:
     """``deploy`` when the file holds the converted (inference) form, else ``train``."""
-    return "deploy" if any(DEPLOY_MARKERS[source] in k for k in state) else "train"
+    return "deploy" if any(marker in k for k in state for marker in DEPLOY_MARKERS[source]) else "train"
 
 
-def map_official(state: dict[str, Tensor], source: str, target: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``state`` renamed to the keys of ``target`` (a model's state dict), checked key by key and shape by shape.
-    BN's ``num_batches_tracked`` counters, which some files lack, are taken from ``target`` where absent."""
+def map_official(state: dict[str, Tensor], source: str, target: dict[str, Tensor], arch: str = "",
+                 form: str = "train") -> dict[str, Tensor]:
+    """``state`` (of ``arch``, in ``form``) renamed to the keys of ``target`` (a model's state dict), checked key by
+    key and shape by shape. BN's ``num_batches_tracked`` counters, which some files lack, are taken from ``target``
+    where absent."""
     mapper = MAPPERS[source]
     mapped, unplaced, mismatched = {}, [], []
     for key, value in state.items():
-        new = mapper(key)
+        new = mapper(key, arch, target, form)
         if new is None or new not in target:
             unplaced.append(key)
         elif tuple(value.shape) != tuple(target[new].shape):
@@ -123,7 +185,8 @@ def from_official(path: str | os.PathLike, arch: str, rep: str, source: str, var
     if head is None or head.dim() != 2:
         raise OfficialError(f"{path}: no classifier ('linear.weight') in the file")
     model = build_classifier(arch, rep, variant=variant, num_classes=head.shape[0]).eval()
-    if official_form(state, source) == "deploy":
+    form = official_form(state, source)
+    if form == "deploy":
         model = deploy(model)
-    model.load_state_dict(map_official(state, source, model.state_dict()), strict=True)
+    model.load_state_dict(map_official(state, source, model.state_dict(), arch, form), strict=True)
     return model.eval()

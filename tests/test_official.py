@@ -203,3 +203,163 @@ def test_evaluate_refuses_a_file_it_cannot_map_with_one_line(tmp_path, capsys, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("run_suite: error: --checkpoint:")
     assert not (tmp_path / "db.sqlite").exists()
+
+
+# -- DBB / ACB (DingXiaoH/DiverseBranchBlock): ResNet-18 with DBB or ACB, MobileNetV1 with DBB ------------------------
+# Only 3x3 convs become blocks (1x1 and 7x7 stay ConvBN: ``conv.weight`` + ``bn.*``). A DBB site P: dbb_origin.conv /
+# .bn; dbb_1x1.conv / .bn (dense only); dbb_avg.conv + BNAndPad dbb_avg.bn.bn (dense only), dbb_avg.avgbn;
+# dbb_1x1_kxk.idconv1 (dense: a difference from the identity) or .conv1 (depthwise, 2x channels), BNAndPad
+# dbb_1x1_kxk.bn1.bn, .conv2, .bn2. An ACB site: square_conv / square_bn, ver_conv (k x 1) / ver_bn, hor_conv (1 x k)
+# / hor_bn. Deploy: P.dbb_reparam / P.fused_conv / a ConvBN's P.conv, weight and bias.
+MOBILENET = [32, 32, 64, 64, 128, 128, 128, 128, 256, 256, 256, 256, 512] + [512] * 10 + [512, 1024, 1024, 1024]
+
+
+def _bn_shapes(p, c):
+    return {f"{p}.{s}": (c,) for s in ("weight", "bias", "running_mean", "running_var")} | {
+        f"{p}.num_batches_tracked": ()}
+
+
+def _site_shapes(kind, p, i, o, k, g=1, deploy=False):
+    if deploy:
+        name = "conv" if k != 3 else {"dbb": "dbb_reparam", "acb": "fused_conv"}[kind]
+        return {f"{p}.{name}.weight": (o, i // g, k, k), f"{p}.{name}.bias": (o,)}
+    if k != 3:
+        return {f"{p}.conv.weight": (o, i // g, k, k)} | _bn_shapes(f"{p}.bn", o)
+    if kind == "acb":
+        return {f"{p}.square_conv.weight": (o, i // g, 3, 3), f"{p}.ver_conv.weight": (o, i // g, 3, 1),
+                f"{p}.hor_conv.weight": (o, i // g, 1, 3)} | _bn_shapes(f"{p}.square_bn", o) | \
+            _bn_shapes(f"{p}.ver_bn", o) | _bn_shapes(f"{p}.hor_bn", o)
+    t = i if g < o else 2 * i
+    out = {f"{p}.dbb_origin.conv.weight": (o, i // g, 3, 3), **_bn_shapes(f"{p}.dbb_origin.bn", o),
+           **_bn_shapes(f"{p}.dbb_avg.avgbn", o),
+           f"{p}.dbb_1x1_kxk.{'idconv1' if t == i else 'conv1'}.weight": (t, i // g, 1, 1),
+           **_bn_shapes(f"{p}.dbb_1x1_kxk.bn1.bn", t), f"{p}.dbb_1x1_kxk.conv2.weight": (o, t // g, 3, 3),
+           **_bn_shapes(f"{p}.dbb_1x1_kxk.bn2", o)}
+    if g < o:
+        out |= {f"{p}.dbb_1x1.conv.weight": (o, i // g, 1, 1), **_bn_shapes(f"{p}.dbb_1x1.bn", o),
+                f"{p}.dbb_avg.conv.weight": (o, i // g, 1, 1), **_bn_shapes(f"{p}.dbb_avg.bn.bn", o)}
+    return out
+
+
+def official_dbb_shapes(kind, arch, deploy=False):
+    """Key -> shape of an official ResNet-18 (stage0.conv1, stage{s}.{j}.conv1/conv2/shortcut, linear) or MobileNetV1
+    (conv1, stem.{i}.depthwise / .pointwise, linear) file with DBB or ACB blocks."""
+    shapes = {}
+    if arch == "resnet18":
+        shapes |= _site_shapes(kind, "stage0.conv1", 3, 64, 7, deploy=deploy)
+        cin = 64
+        for s in range(1, 5):
+            planes = 64 * 2 ** (s - 1)
+            for j in range(2):
+                p, stride = f"stage{s}.{j}", 2 if j == 0 and s > 1 else 1
+                if stride != 1 or cin != planes:
+                    shapes |= _site_shapes(kind, f"{p}.shortcut", cin, planes, 1, deploy=deploy)
+                shapes |= _site_shapes(kind, f"{p}.conv1", cin, planes, 3, deploy=deploy)
+                shapes |= _site_shapes(kind, f"{p}.conv2", planes, planes, 3, deploy=deploy)
+                cin = planes
+    else:
+        shapes |= _site_shapes(kind, "conv1", 3, 32, 3, deploy=deploy)
+        for i in range(13):
+            c, out = MOBILENET[2 * i + 1], MOBILENET[2 * i + 2]
+            shapes |= _site_shapes(kind, f"stem.{i}.depthwise", c, c, 3, g=c, deploy=deploy)
+            shapes |= _site_shapes(kind, f"stem.{i}.pointwise", c, out, 1, deploy=deploy)
+        cin = 1024
+    return shapes | {"linear.weight": (CLASSES, cin), "linear.bias": (CLASSES,)}
+
+
+def random_state(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        elif key.endswith(("running_var", "bn.weight", "bn1.bn.weight", "bn2.weight", "avgbn.weight",
+                           "_bn.weight")):
+            state[key] = 0.5 + torch.rand(shape, generator=g)
+        elif len(shape) == 4:
+            state[key] = torch.randn(shape, generator=g) * (1.0 / (shape[1] * shape[2] * shape[3])) ** 0.5
+        else:
+            state[key] = 0.2 * torch.randn(shape, generator=g)
+    return state
+
+
+def _bn(state, p, x):
+    return F.batch_norm(x, state[f"{p}.running_mean"], state[f"{p}.running_var"], state[f"{p}.weight"],
+                        state[f"{p}.bias"], False, 0.0, 1e-5)
+
+
+def _bn_pad(state, p, x):
+    """BN, then a 1-pixel border of the BN's response to zero (DBB's BNAndPad: the chain stays mergeable)."""
+    y = _bn(state, p, x)
+    zero = state[f"{p}.bias"] - state[f"{p}.running_mean"] * state[f"{p}.weight"] / (state[f"{p}.running_var"]
+                                                                                       + 1e-5).sqrt()
+    out = zero.view(1, -1, 1, 1).expand(y.shape[0], -1, y.shape[2] + 2, y.shape[3] + 2).clone()
+    out[:, :, 1:-1, 1:-1] = y
+    return out
+
+
+def official_dbb_site(state, p, x, stride, g=1):
+    """One conv site's output from the official tensors (the DBB paper's six transforms read as branches)."""
+    if f"{p}.conv.weight" in state or f"{p}.conv.bias" in state:  # ConvBN (train) or a deployed conv
+        w = state[f"{p}.conv.weight"]
+        y = F.conv2d(x, w, state.get(f"{p}.conv.bias"), stride, w.shape[-1] // 2, 1, g)
+        return y if f"{p}.conv.bias" in state else _bn(state, f"{p}.bn", y)
+    for name in ("dbb_reparam", "fused_conv"):
+        if f"{p}.{name}.weight" in state:
+            return F.conv2d(x, state[f"{p}.{name}.weight"], state[f"{p}.{name}.bias"], stride, 1, 1, g)
+    if f"{p}.square_conv.weight" in state:  # ACB: square + vertical + horizontal
+        return _bn(state, f"{p}.square_bn", F.conv2d(x, state[f"{p}.square_conv.weight"], None, stride, 1, 1, g)) \
+            + _bn(state, f"{p}.ver_bn", F.conv2d(x, state[f"{p}.ver_conv.weight"], None, stride, (1, 0), 1, g)) \
+            + _bn(state, f"{p}.hor_bn", F.conv2d(x, state[f"{p}.hor_conv.weight"], None, stride, (0, 1), 1, g))
+    y = _bn(state, f"{p}.dbb_origin.bn", F.conv2d(x, state[f"{p}.dbb_origin.conv.weight"], None, stride, 1, 1, g))
+    if f"{p}.dbb_1x1.conv.weight" in state:
+        y = y + _bn(state, f"{p}.dbb_1x1.bn", F.conv2d(x, state[f"{p}.dbb_1x1.conv.weight"], None, stride, 0, 1, g))
+        avg = F.avg_pool2d(_bn_pad(state, f"{p}.dbb_avg.bn.bn", F.conv2d(x, state[f"{p}.dbb_avg.conv.weight"], None,
+                                                                         1, 0, 1, g)), 3, stride, 0)
+    else:  # depthwise: average pooling of the input (zero padding counted)
+        avg = F.avg_pool2d(x, 3, stride, 1)
+    y = y + _bn(state, f"{p}.dbb_avg.avgbn", avg)
+    first = state.get(f"{p}.dbb_1x1_kxk.idconv1.weight")
+    if first is not None:  # the stored difference plus the identity (i, i mod in-per-group)
+        identity = torch.zeros_like(first)
+        identity[torch.arange(first.shape[0]), torch.arange(first.shape[0]) % first.shape[1]] = 1
+        first = first + identity
+    else:
+        first = state[f"{p}.dbb_1x1_kxk.conv1.weight"]
+    hidden = _bn_pad(state, f"{p}.dbb_1x1_kxk.bn1.bn", F.conv2d(x, first, None, 1, 0, 1, g))
+    return y + _bn(state, f"{p}.dbb_1x1_kxk.bn2", F.conv2d(hidden, state[f"{p}.dbb_1x1_kxk.conv2.weight"], None,
+                                                           stride, 0, 1, g))
+
+
+def official_dbb_forward(state, arch, x):
+    if arch == "resnet18":
+        x = F.max_pool2d(F.relu(official_dbb_site(state, "stage0.conv1", x, 2)), 3, 2, 1)
+        for s in range(1, 5):
+            for j in range(2):
+                p, stride = f"stage{s}.{j}", 2 if j == 0 and s > 1 else 1
+                shortcut = official_dbb_site(state, f"{p}.shortcut", x, stride) if any(
+                    k.startswith(f"{p}.shortcut.") for k in state) else x
+                y = official_dbb_site(state, f"{p}.conv2", F.relu(official_dbb_site(state, f"{p}.conv1", x, stride)), 1)
+                x = F.relu(y + shortcut)
+    else:
+        x = F.relu(official_dbb_site(state, "conv1", x, 2))
+        for i in range(13):
+            c, stride = MOBILENET[2 * i + 1], 2 if i in (1, 3, 5, 11) else 1
+            x = F.relu(official_dbb_site(state, f"stem.{i}.depthwise", x, stride, g=c))
+            x = F.relu(official_dbb_site(state, f"stem.{i}.pointwise", x, 1))
+    return F.linear(x.mean((2, 3)), state["linear.weight"], state["linear.bias"])
+
+
+@pytest.mark.parametrize("arch,rep,deploy", [("resnet18", "dbb", False), ("resnet18", "dbb", True),
+                                             ("resnet18", "acb", False), ("mobilenet_v1", "dbb", False)])
+def test_dbb_official_files_load_exactly(tmp_path, arch, rep, deploy):
+    """DBB / ACB files in the official layout (ResNet-18 with either block, the depthwise DBBs of MobileNetV1;
+    training and deploy forms; identity-based 1x1s holding a nonzero difference): the loaded model's eval output
+    equals the official forward from the file's tensors (1e-5 relative, float32)."""
+    state = random_state(official_dbb_shapes(rep, arch, deploy))
+    torch.save(state, tmp_path / "official.pth")
+    model = from_official(tmp_path / "official.pth", arch, rep, "dbb")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out, reference = model(x), official_dbb_forward(state, arch, x)
+    assert float((out - reference).norm() / reference.norm()) <= 1e-5
