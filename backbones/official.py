@@ -9,8 +9,9 @@ an :class:`OfficialError` naming the first such keys: the file is refused, never
 
 Sources built so far: ``repvgg`` (DingXiaoH/RepVGG: ``RepVGGBlock`` training files, and files converted to the
 deploy form by the repo's own tool) and ``dbb`` (DingXiaoH/DiverseBranchBlock: DBB and ACB ResNets, DBB MobileNetV1,
-training and deploy files, both BNAndPad layouts). ``orepa`` and ``repopt`` are refused with that message until
-their mappings land.
+training and deploy files, both BNAndPad layouts) and ``repopt`` (DingXiaoH/RepOptimizers: RepOpt-VGG targets, conv +
+BN + ReLU per layer; the repo converts none, a fused file — biased convs, no BN — loads deployed). ``orepa`` is
+refused with that message until its mapping lands.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from .deploy import CheckpointError
 
 SOURCES = ("orepa", "dbb", "repvgg", "repopt")
-BUILT = ("repvgg", "dbb")
+BUILT = ("repvgg", "dbb", "repopt")
 
 
 class OfficialError(CheckpointError):
@@ -133,8 +134,28 @@ def _dbb_key(key: str, arch: str, target: dict, form: str) -> str | None:
     return None
 
 
-MAPPERS = {"repvgg": _repvgg_key, "dbb": _dbb_key}
-DEPLOY_MARKERS = {"repvgg": ("rbr_reparam.",), "dbb": ("dbb_reparam.", "fused_conv.")}
+# -- RepOpt-VGG targets (DingXiaoH/RepOptimizers, ``RealVGGBlock``): ``stage0`` (our ``stem``), ``stage{s}.{j}`` (ours
+# ``stage{s}.{2j}``), each ``conv`` (no bias) + ``bn``; ``linear``. Our targets also hold the RepOptimizer's constants
+# (``scale_conv``, ``scale_1x1``, ``identity_in_mult``: buffers for the Grad Mults, not used by the forward), which
+# no official file has: the model keeps its own. Files with the post-SE blocks (``post_se``) are not mapped.
+def _repopt_key(key: str, arch: str, target: dict, form: str) -> str | None:
+    if key.startswith("linear."):
+        return "fc." + key[len("linear."):]
+    found = re.match(r"stage0\.(.*)$", key) or re.match(r"stage([1-4])\.(\d+)\.(.*)$", key)
+    if not found:
+        return None
+    prefix = "stem." if key.startswith("stage0.") else f"stage{found.group(1)}.{2 * int(found.group(2))}."
+    rest = found.groups()[-1]
+    if form == "deploy":
+        found = re.match(r"conv\.(weight|bias)$", rest)
+        return prefix + found.group(1) if found else None
+    return prefix + rest if re.match(r"(conv\.weight|bn\.\w+)$", rest) else None
+
+
+MAPPERS = {"repvgg": _repvgg_key, "dbb": _dbb_key, "repopt": _repopt_key}
+# what marks a file's deploy form: a converted block's name (a RepOpt-VGG target's conv has a bias only when fused)
+DEPLOY_MARKERS = {"repvgg": ("rbr_reparam.",), "dbb": ("dbb_reparam.", "fused_conv."), "repopt": ("conv.bias",)}
+MODEL_ONLY = {"repopt": ("scale_conv", "scale_1x1", "identity_in_mult")}  # ours, never in a file: the model's own
 
 
 def official_form(state: dict, source: str) -> str:
@@ -163,7 +184,8 @@ def map_official(state: dict[str, Tensor], source: str, target: dict[str, Tensor
     if mismatched:
         raise OfficialError(f"{len(mismatched)} tensor(s) differ in shape (another architecture?): "
                             + "; ".join(mismatched[:2]) + ("; ..." if len(mismatched) > 2 else ""))
-    missing = [k for k in target if k not in mapped and not k.endswith("num_batches_tracked")]
+    own = ("num_batches_tracked", *MODEL_ONLY.get(source, ()))
+    missing = [k for k in target if k not in mapped and not k.endswith(own)]
     if missing:
         raise OfficialError(f"{len(missing)} parameter(s) of the model are not in the file (truncated, or another "
                             "architecture?): " + ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""))

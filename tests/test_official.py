@@ -363,3 +363,38 @@ def test_dbb_official_files_load_exactly(tmp_path, arch, rep, deploy):
     with torch.no_grad():
         out, reference = model(x), official_dbb_forward(state, arch, x)
     assert float((out - reference).norm() / reference.norm()) <= 1e-5
+
+
+# -- RepOpt-VGG targets (DingXiaoH/RepOptimizers, RealVGGBlock): stage0 and stage{s}.{j}, each conv.weight (no bias) +
+# bn.*, then ReLU; linear. The layout is the same at every size: RepVGG-A0's widths keep the test small.
+def official_repopt_state(deploy: bool, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for p, cin, cout, _ in repvgg_blocks():
+        state[f"{p}.conv.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (1.0 / (9 * cin)) ** 0.5
+        if deploy:
+            state[f"{p}.conv.bias"] = 0.1 * torch.randn(cout, generator=g)
+        else:
+            state |= {f"{p}.bn.weight": 0.5 + torch.rand(cout, generator=g), f"{p}.bn.bias": 0.2 * torch.randn(
+                cout, generator=g), f"{p}.bn.running_mean": 0.2 * torch.randn(cout, generator=g),
+                f"{p}.bn.running_var": 0.5 + torch.rand(cout, generator=g), f"{p}.bn.num_batches_tracked": torch.tensor(3)}
+    return state | {"linear.weight": torch.randn(CLASSES, A0[-1][1], generator=g) / 10,
+                    "linear.bias": torch.randn(CLASSES, generator=g) / 10}
+
+
+@pytest.mark.parametrize("deploy", [False, True], ids=["train", "fused"])
+def test_repopt_official_files_load_exactly(tmp_path, deploy):
+    """A RepOpt-VGG target file (conv + BN + ReLU per layer; or fused, biased convs): the output equals the official
+    forward from its tensors (1e-5 relative, float32); the model's own RepOptimizer constants stay its own."""
+    state = official_repopt_state(deploy)
+    torch.save({"model": state}, tmp_path / "official.pth")
+    model = from_official(tmp_path / "official.pth", "repvgg_a0", "repopt", "repopt")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ref = x
+    for p, _, _, stride in repvgg_blocks():
+        ref = F.conv2d(ref, state[f"{p}.conv.weight"], state.get(f"{p}.conv.bias"), stride, 1)
+        ref = F.relu(ref if deploy else F.batch_norm(ref, state[f"{p}.bn.running_mean"], state[f"{p}.bn.running_var"],
+                                                     state[f"{p}.bn.weight"], state[f"{p}.bn.bias"], False, 0.0, 1e-5))
+    ref = F.linear(ref.mean((2, 3)), state["linear.weight"], state["linear.bias"])
+    with torch.no_grad():
+        assert float((model(x) - ref).norm() / ref.norm()) <= 1e-5
