@@ -61,14 +61,22 @@ _REPVGG_PARTS = ((r"rbr_dense\.conv\.weight$", "branches.origin.weight"), (r"rbr
                  (r"rbr_reparam\.bias$", "bias"))
 
 
-def _repvgg_key(key: str, arch: str, target: dict, form: str) -> str | None:
-    if key.startswith("linear."):
-        return "fc." + key[len("linear."):]
+def _vgg_site(key: str) -> tuple[str, str] | None:
+    """A VGG-style file's block (``stage0``: our ``stem``; ``stage{s}.{j}``: our ``stage{s}.{2j}``, our stages
+    interleave the ReLUs) as (our prefix, the rest of the key)."""
     found = re.match(r"stage0\.(.*)$", key) or re.match(r"stage([1-4])\.(\d+)\.(.*)$", key)
     if not found:
         return None
     prefix = "stem." if key.startswith("stage0.") else f"stage{found.group(1)}.{2 * int(found.group(2))}."
-    rest = found.groups()[-1]
+    return prefix, found.groups()[-1]
+
+
+def _repvgg_key(key: str, arch: str, target: dict, form: str) -> str | None:
+    if key.startswith("linear."):
+        return "fc." + key[len("linear."):]
+    if (site := _vgg_site(key)) is None:
+        return None
+    prefix, rest = site
     for pattern, replacement in _REPVGG_PARTS:
         if re.match(pattern, rest):
             return prefix + re.sub(pattern, replacement, rest, count=1)
@@ -141,11 +149,9 @@ def _dbb_key(key: str, arch: str, target: dict, form: str) -> str | None:
 def _repopt_key(key: str, arch: str, target: dict, form: str) -> str | None:
     if key.startswith("linear."):
         return "fc." + key[len("linear."):]
-    found = re.match(r"stage0\.(.*)$", key) or re.match(r"stage([1-4])\.(\d+)\.(.*)$", key)
-    if not found:
+    if (site := _vgg_site(key)) is None:
         return None
-    prefix = "stem." if key.startswith("stage0.") else f"stage{found.group(1)}.{2 * int(found.group(2))}."
-    rest = found.groups()[-1]
+    prefix, rest = site
     if form == "deploy":
         found = re.match(r"conv\.(weight|bias)$", rest)
         return prefix + found.group(1) if found else None

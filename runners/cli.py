@@ -713,7 +713,6 @@ def cmd_finetune(argv, console: Console) -> int:
     from runners import finetune
     from runners.data import resolve_data_root
     from runners.dense import DatasetMissing, batch_plan, config_path, ensure_data, task_of
-    from runners.jobs import resolve_artifacts_root
     from suites import DenseRecipe
 
     args = finetune.parser().parse_args(argv)
@@ -743,18 +742,25 @@ def cmd_finetune(argv, console: Console) -> int:
         ensure_data(task, DenseRecipe(data="real"), data_root)
     except DatasetMissing as e:
         raise BadInput(str(e)) from None
-    url = _checked_url(args.db, must_exist=False)
-    public_url, secret_env = split_secret(url)
-    artifacts = str(resolve_artifacts_root(args.artifacts))
-    from results import Store
-    try:
-        store = Store(url)
-    except StoreError as e:
-        raise BadInput(str(e)) from None
+    store, public_url, secret_env, artifacts = _single_store(args)
     job, table = finetune.plan_job(args, data_root, public_url, artifacts, store)
     args.scale = job.spec.scale
     return _run_single("finetune", job, table, store, secret_env, args, argv, console,
                        f"finetune {job.spec.row_name} at {args.scale}")
+
+
+def _single_store(args):
+    """The store of a single-job command (``--db``, ``--artifacts``): (store, URL without password, the password's
+    environment, artifacts root); a bad database is bad input."""
+    from results import Store
+    from runners.jobs import resolve_artifacts_root
+    url = _checked_url(args.db, must_exist=False)
+    public_url, secret_env = split_secret(url)
+    artifacts = str(resolve_artifacts_root(args.artifacts))
+    try:
+        return Store(url), public_url, secret_env, artifacts
+    except StoreError as e:
+        raise BadInput(str(e)) from None
 
 
 def _run_single(command: str, job, table, store, secret_env: dict, args, argv, console: Console, start: str) -> int:
@@ -783,7 +789,6 @@ def cmd_evaluate(argv, console: Console) -> int:
     from backbones.official import OfficialError, from_official
     from runners import evaluate
     from runners.data import resolve_data_root
-    from runners.jobs import resolve_artifacts_root
 
     args = evaluate.parser().parse_args(argv)
     if args.devices != 1:
@@ -800,14 +805,7 @@ def cmd_evaluate(argv, console: Console) -> int:
     if not images.is_dir() or not any(p.is_dir() for p in images.iterdir()):
         raise BadInput(f"{images}: no ImageFolder of validation images (class folders) there "
                        "(--images DIR, or --data-root with imagenet/val)")
-    url = _checked_url(args.db, must_exist=False)
-    public_url, secret_env = split_secret(url)
-    artifacts = str(resolve_artifacts_root(args.artifacts))
-    from results import Store
-    try:
-        store = Store(url)
-    except StoreError as e:
-        raise BadInput(str(e)) from None
+    store, public_url, secret_env, artifacts = _single_store(args)
     job, table = evaluate.plan_job(args, images.resolve(), public_url, artifacts)
     args.scale, args.devices = "paper", 1
     return _run_single("evaluate", job, table, store, secret_env, args, argv, console,
