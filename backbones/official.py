@@ -7,11 +7,12 @@ official code is imported), and loads it strictly into ``build_classifier(arch, 
 file holds the deploy form. A key no rule places, a key the model lacks, a missing key or a shape that differs is
 an :class:`OfficialError` naming the first such keys: the file is refused, never half-loaded.
 
-Sources built so far: ``repvgg`` (DingXiaoH/RepVGG: ``RepVGGBlock`` training files, and files converted to the
-deploy form by the repo's own tool) and ``dbb`` (DingXiaoH/DiverseBranchBlock: DBB and ACB ResNets, DBB MobileNetV1,
-training and deploy files, both BNAndPad layouts) and ``repopt`` (DingXiaoH/RepOptimizers: RepOpt-VGG targets, conv +
-BN + ReLU per layer; the repo converts none, a fused file — biased convs, no BN — loads deployed). ``orepa`` is
-refused with that message until its mapping lands.
+Sources: ``orepa`` (JUGGHM/OREPA_CVPR2022: ResNet / WideResNet / ResNeXt with OREPA, DBB or plain ConvBN, RepVGG
+and OREPA-VGG; two tensors need more than a new name, see :func:`_orepa_tensor`), ``repvgg`` (DingXiaoH/RepVGG:
+``RepVGGBlock`` training files, and files converted to the deploy form by the repo's own tool), ``dbb``
+(DingXiaoH/DiverseBranchBlock: DBB and ACB ResNets, DBB MobileNetV1, training and deploy files, both BNAndPad layouts)
+and ``repopt`` (DingXiaoH/RepOptimizers: RepOpt-VGG targets, conv + BN + ReLU per layer; the repo converts none, a
+fused file — biased convs, no BN — loads deployed).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from torch import Tensor, nn
 from .deploy import CheckpointError
 
 SOURCES = ("orepa", "dbb", "repvgg", "repopt")
-BUILT = ("repvgg", "dbb", "repopt")
 
 
 class OfficialError(CheckpointError):
@@ -71,7 +71,7 @@ def _vgg_site(key: str) -> tuple[str, str] | None:
     return prefix, found.groups()[-1]
 
 
-def _repvgg_key(key: str, arch: str, target: dict, form: str) -> str | None:
+def _repvgg_key(key: str, arch: str, rep: str, target: dict, form: str) -> str | None:
     if key.startswith("linear."):
         return "fc." + key[len("linear."):]
     if (site := _vgg_site(key)) is None:
@@ -125,7 +125,7 @@ def _dbb_site(key: str, arch: str) -> tuple[str, str] | None:
     return None
 
 
-def _dbb_key(key: str, arch: str, target: dict, form: str) -> str | None:
+def _dbb_key(key: str, arch: str, rep: str, target: dict, form: str) -> str | None:
     if key.startswith("linear."):
         return "fc." + key[len("linear."):]
     site = _dbb_site(key, arch)
@@ -146,7 +146,7 @@ def _dbb_key(key: str, arch: str, target: dict, form: str) -> str | None:
 # ``stage{s}.{2j}``), each ``conv`` (no bias) + ``bn``; ``linear``. Our targets also hold the RepOptimizer's constants
 # (``scale_conv``, ``scale_1x1``, ``identity_in_mult``: buffers for the Grad Mults, not used by the forward), which
 # no official file has: the model keeps its own. Files with the post-SE blocks (``post_se``) are not mapped.
-def _repopt_key(key: str, arch: str, target: dict, form: str) -> str | None:
+def _repopt_key(key: str, arch: str, rep: str, target: dict, form: str) -> str | None:
     if key.startswith("linear."):
         return "fc." + key[len("linear."):]
     if (site := _vgg_site(key)) is None:
@@ -158,9 +158,127 @@ def _repopt_key(key: str, arch: str, target: dict, form: str) -> str | None:
     return prefix + rest if re.match(r"(conv\.weight|bn\.\w+)$", rest) else None
 
 
-MAPPERS = {"repvgg": _repvgg_key, "dbb": _dbb_key, "repopt": _repopt_key}
+# -- OREPA (JUGGHM/OREPA_CVPR2022) ------------------------------------------------------------------------------------
+# ResNet / WideResNet / ResNeXt as the DBB repo's layout (``stage0.conv1``, ``stage{s}.{j}.{conv1,conv2,conv3,
+# shortcut}``, ``linear``). Under ``-t OREPA`` a 3x3 site is an OREPA block: raw kernels ``weight_orepa_{origin,
+# avg_conv, pfir_conv, 1x1_kxk_idconv1, 1x1_kxk_conv2, 1x1, gconv_dw, gconv_pw}``, ``vector`` (6, O) (our ``scale``,
+# rows in our branch order), one ``bn`` (our ``post_bn``), and fixed buffers (``weight_orepa_avg_avg`` = 1/k^2,
+# ``weight_orepa_prior`` = the frequency prior, ``id_tensor`` = the identity the 1x1-kxk's first 1x1 is a difference
+# from) which our blocks rebuild: each is checked against ours, then dropped. A 1x1 site (Bottleneck conv1 / conv3 /
+# projection) is a Rep-1x1 (``weight_or1x1_origin``, ``weight_or1x1_l2i_conv1`` / ``_conv2``, ``vector`` (2, O),
+# ``bn``); a BasicBlock projection stays ConvBN. The 7x7 stem is ``stage0.conv1.weight{0,1,2}`` (three OREPA blocks
+# without BN) and ``stage0.conv1.bn``. OREPA-VGG (``-t OREPA_VGG``): ``rbr_dense`` the same kernels named
+# ``weight_rbr_*`` with no plain 1x1 and a ``vector`` whose sixth row (where the block has an identity) is created
+# uninitialised and never used (dropped), ``rbr_1x1`` ConvBN, ``rbr_identity`` BN. Deploy: ``orepa_reparam``,
+# ``or1x1_reparam``, ``or_large_reparam``, ``rbr_reparam``, ``dbb_reparam`` or a ConvBN's biased ``conv``. ``-t base``
+# and ``-t DBB`` files (ConvBN, the DBB repo's DBB) read as the ``dbb`` source's; RepVGG blocks as the ``repvgg``'s.
+_OREPA_WEIGHTS = {"origin": "branches.origin.weight", "avg_conv": "branches.avg.conv1x1",
+                  "pfir_conv": "branches.prior.conv1x1", "1x1_kxk_idconv1": "branches.1x1_kxk.first",
+                  "1x1_kxk_conv2": "branches.1x1_kxk.second", "1x1": "branches.1x1.weight",
+                  "gconv_dw": "branches.dw_pw.depthwise", "gconv_pw": "branches.dw_pw.pointwise",
+                  "or1x1_origin": "branches.origin.weight", "or1x1_l2i_conv1": "branches.1x1_kxk.first",
+                  "or1x1_l2i_conv2": "branches.1x1_kxk.second"}
+_OREPA_FIXED = r"weight_(orepa|rbr)_(avg_avg|prior)|id_tensor"  # buffers our blocks rebuild: checked, then dropped
+_OREPA_DEPLOY = r"(orepa_reparam|or1x1_reparam|or_large_reparam|rbr_reparam|dbb_reparam|conv)\.(weight|bias)"
+DROP = "<checked and dropped>"
+
+
+def _orepa_part(rest: str) -> str | None:
+    """Our name, within one OREPA / Rep-1x1 block, of a key's rest."""
+    if re.fullmatch(_OREPA_FIXED, rest):
+        return DROP
+    found = re.fullmatch(r"weight_(?:orepa_|rbr_|(?=or1x1_))(\w+)", rest)
+    if found:
+        return _OREPA_WEIGHTS.get(found.group(1))
+    if rest == "vector":
+        return "scale"
+    return "post_bn." + rest[len("bn."):] if re.fullmatch(r"bn\.\w+", rest) else None
+
+
+def _orepa_key(key: str, arch: str, rep: str, target: dict, form: str) -> str | None:
+    if rep in ("none", "dbb") and not arch.startswith("repvgg"):
+        return _dbb_key(key, arch, rep, target, form)
+    if rep in ("none", "repvgg"):
+        return (_repopt_key if rep == "none" else _repvgg_key)(key, arch, rep, target, form)
+    if key.startswith("linear."):
+        return "fc." + key[len("linear."):]
+    site = _vgg_site(key) if rep == "orepa_vgg" else _dbb_site(key, arch)
+    if site is None:
+        return None
+    prefix, rest = site
+    if form == "deploy":
+        found = re.fullmatch(_OREPA_DEPLOY, rest)
+        return prefix + found.group(2) if found else None
+    if rep == "orepa_vgg":
+        for part, ours in (("rbr_1x1.", "blocks.conv1x1."), ("rbr_identity.", "blocks.identity.norms.identity.")):
+            if rest.startswith(part):
+                return prefix + ours + rest[len(part):]
+        if not rest.startswith("rbr_dense."):
+            return None
+        prefix, rest = prefix + "blocks.dense.", rest[len("rbr_dense."):]
+    if re.fullmatch(r"conv\.weight|bn\.\w+", rest) and prefix + rest in target:  # a ConvBN: our names
+        return prefix + rest
+    if prefix == "stem." and (found := re.fullmatch(r"weight([0-2])\.(.*)", rest)):  # the deep stem's three layers
+        prefix, rest = f"stem.layers.{found.group(1)}.", found.group(2)
+    part = _orepa_part(rest)
+    return part if part in (None, DROP) else prefix + part
+
+
+def _flip_sign(channels: int) -> Tensor:
+    """(-1)^f per output channel, f the frequency index of the channel's prior filter (first half along the height,
+    second half along the width): the frequency prior flipped spatially is the prior times this sign."""
+    c, half = torch.arange(channels), channels // 2
+    f = torch.where(c < half, c + 1, c + 1 - half)
+    return 1.0 - 2.0 * (f % 2).to(torch.get_default_dtype())
+
+
+def _orepa_tensor(key: str, value: Tensor, state: dict[str, Tensor], target: Tensor | None) -> Tensor:
+    """The file's tensor as our parameter (``target``: ours, None for a dropped buffer, which is checked here).
+
+    Two OREPA layouts are not ours up to names (the issue, and OREPA issue #9):
+    * ResNeXt's dw-pw branch reads its grouped pointwise rows in the order (row within group) x groups + group, not
+      group x rows-per-group + row: our row n is the file's row (n mod O/g) * g + n div (O/g);
+    * the deep stem composes its three 3x3 kernels by correlating the first with the next (``conv2d`` on the kernels),
+      which equals the composition of convolutions only with the second and third kernels rotated by 180 degrees:
+      those two layers load rotated (each branch's kxk factor; the prior filter is fixed, so its 1x1 row takes the
+      sign the rotation gives the prior; avg and 1x1 are symmetric), and our exact composition then gives the file's
+      7x7 kernel.
+    """
+    from .algebra import identity_kernel
+    from .branches import frequency_prior
+
+    if target is None:  # a fixed buffer: it must be what our block rebuilds
+        if key.endswith("id_tensor"):
+            expected = identity_kernel(value.shape[0], 1, value.shape[0] // value.shape[1], dtype=value.dtype)
+        elif key.endswith("_avg_avg"):
+            expected = torch.full_like(value, 1.0 / value.numel())
+        else:
+            expected = frequency_prior(value.shape[0], value.shape[-1]).to(value.dtype)
+        if value.shape != expected.shape or not torch.allclose(value, expected, rtol=0, atol=1e-6):
+            raise OfficialError(f"{key}: not the fixed tensor OREPA's code builds (a modified model?)")
+        return value
+    if key.endswith("rbr_dense.vector") and value.shape[0] > target.shape[0]:
+        value = value[: target.shape[0]]  # OREPA-VGG's unused, uninitialised extra row
+    if key.endswith("weight_orepa_gconv_pw"):
+        groups = state[key.replace("gconv_pw", "gconv_dw")].shape[0] // value.shape[1]
+        if groups > 1 and value.shape[0] % groups == 0:  # (another architecture's file fails the shape check)
+            rows = value.shape[0] // groups
+            n = torch.arange(value.shape[0])
+            value = value[(n % rows) * groups + n // rows]
+    if re.match(r"stage0\.conv1\.weight[12]\.", key):
+        if key.endswith(("_origin", "_1x1_kxk_conv2", "_gconv_dw")):
+            value = value.flip(-2, -1)
+        elif key.endswith("_pfir_conv"):
+            value = value * _flip_sign(value.shape[0]).to(value.dtype).reshape(-1, 1, 1, 1)
+    return value
+
+
+MAPPERS = {"orepa": _orepa_key, "repvgg": _repvgg_key, "dbb": _dbb_key, "repopt": _repopt_key}
+TENSORS = {"orepa": _orepa_tensor}  # a source whose tensors need more than a new name
 # what marks a file's deploy form: a converted block's name (a RepOpt-VGG target's conv has a bias only when fused)
-DEPLOY_MARKERS = {"repvgg": ("rbr_reparam.",), "dbb": ("dbb_reparam.", "fused_conv."), "repopt": ("conv.bias",)}
+DEPLOY_MARKERS = {"repvgg": ("rbr_reparam.",), "dbb": ("dbb_reparam.", "fused_conv."), "repopt": ("conv.bias",),
+                  "orepa": ("orepa_reparam.", "or1x1_reparam.", "or_large_reparam.", "rbr_reparam.", "dbb_reparam.",
+                            "conv.bias")}
 MODEL_ONLY = {"repopt": ("scale_conv", "scale_1x1", "identity_in_mult")}  # ours, never in a file: the model's own
 
 
@@ -169,18 +287,24 @@ def official_form(state: dict, source: str) -> str:
     return "deploy" if any(marker in k for k in state for marker in DEPLOY_MARKERS[source]) else "train"
 
 
-def map_official(state: dict[str, Tensor], source: str, target: dict[str, Tensor], arch: str = "",
+def map_official(state: dict[str, Tensor], source: str, target: dict[str, Tensor], arch: str = "", rep: str = "",
                  form: str = "train") -> dict[str, Tensor]:
-    """``state`` (of ``arch``, in ``form``) renamed to the keys of ``target`` (a model's state dict), checked key by
-    key and shape by shape. BN's ``num_batches_tracked`` counters, which some files lack, are taken from ``target``
-    where absent."""
-    mapper = MAPPERS[source]
+    """``state`` (of ``arch`` / ``rep``, in ``form``) renamed to the keys of ``target`` (a model's state dict) and
+    transformed where the source needs it, checked key by key and shape by shape. BN's ``num_batches_tracked``
+    counters, which some files lack, are taken from ``target`` where absent."""
+    mapper, tensor = MAPPERS[source], TENSORS.get(source)
     mapped, unplaced, mismatched = {}, [], []
     for key, value in state.items():
-        new = mapper(key, arch, target, form)
+        new = mapper(key, arch, rep, target, form)
+        if new == DROP:
+            tensor(key, value, state, None)
+            continue
         if new is None or new not in target:
             unplaced.append(key)
-        elif tuple(value.shape) != tuple(target[new].shape):
+            continue
+        if tensor is not None:
+            value = tensor(key, value, state, target[new])
+        if tuple(value.shape) != tuple(target[new].shape):
             mismatched.append(f"{key} {tuple(value.shape)} (the model's {new}: {tuple(target[new].shape)})")
         else:
             mapped[new] = value.to(target[new].dtype)
@@ -206,8 +330,6 @@ def from_official(path: str | os.PathLike, arch: str, rep: str, source: str, var
 
     if source not in SOURCES:
         raise OfficialError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
-    if source not in BUILT:
-        raise OfficialError(f"source {source!r}: its mapping is not built yet (built: {', '.join(BUILT)})")
     state = read_official(path)
     head = state.get("linear.weight")
     if head is None or head.dim() != 2:
@@ -216,5 +338,5 @@ def from_official(path: str | os.PathLike, arch: str, rep: str, source: str, var
     form = official_form(state, source)
     if form == "deploy":
         model = deploy(model)
-    model.load_state_dict(map_official(state, source, model.state_dict(), arch, form), strict=True)
+    model.load_state_dict(map_official(state, source, model.state_dict(), arch, rep, form), strict=True)
     return model.eval()

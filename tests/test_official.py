@@ -3,6 +3,8 @@ the key names and shapes written out, converted, and the repbench model's eval o
 computed directly from the official-layout tensors (the official block's definition, with F.conv2d / F.batch_norm).
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,8 +111,8 @@ def test_files_that_do_not_map_fully_are_refused(tmp_path):
     torch.save({k: v for k, v in state.items() if not k.startswith("stage4.")}, tmp_path / "short.pth")
     with pytest.raises(OfficialError, match="not in the file"):
         from_official(tmp_path / "short.pth", "repvgg_a0", "repvgg", "repvgg")
-    with pytest.raises(OfficialError, match="'orepa': its mapping is not built yet"):
-        from_official(tmp_path / "good.pth", "resnet18", "orepa", "orepa")
+    with pytest.raises(OfficialError, match="unknown source 'acnet'"):
+        from_official(tmp_path / "good.pth", "repvgg_a0", "repvgg", "acnet")
 
 
 def tiny_image_folder(root, classes=2, per_class=2):
@@ -398,3 +400,198 @@ def test_repopt_official_files_load_exactly(tmp_path, deploy):
     ref = F.linear(ref.mean((2, 3)), state["linear.weight"], state["linear.bias"])
     with torch.no_grad():
         assert float((model(x) - ref).norm() / ref.norm()) <= 1e-5
+
+
+# -- OREPA (JUGGHM/OREPA_CVPR2022) ----------------------------------------------------------------------------------
+# A 3x3 site P of ``-t OREPA``: P.weight_orepa_origin (O, I/g, 3, 3), _avg_conv / _pfir_conv / _1x1 (O, I/g, 1, 1),
+# _1x1_kxk_idconv1 (T, I/g, 1, 1) + buffer P.id_tensor (the identity it is a difference from; T = I, or 2I where
+# g > 4), _1x1_kxk_conv2 (O, T/g, 3, 3), _gconv_dw (8I, 1, 3, 3), _gconv_pw (O, 8I/g, 1, 1), buffers _avg_avg (3, 3)
+# and _prior (O, 3, 3), P.vector (6, O), P.bn. A 1x1 site (Rep-1x1): P.weight_or1x1_origin (O, I, 1, 1),
+# _l2i_conv1 (T, I, 1, 1), _l2i_conv2 (O, T, 1, 1) with T = min(I, O), P.vector (2, O), P.bn. The stem: stage0.conv1.weight{0,1,2}.* (three 3x3 sites without BN: 3 -> C, C -> C, C -> C)
+# and stage0.conv1.bn. A BasicBlock projection: ConvBN (conv.weight, bn). OREPA-VGG: rbr_dense.weight_rbr_* (no
+# plain 1x1, vector (5 or 6, O): the sixth row unused), rbr_1x1 ConvBN, rbr_identity BN. Deploy: orepa_reparam /
+# or1x1_reparam / or_large_reparam / rbr_reparam / a ConvBN's conv, weight and bias.
+def _prior(o):
+    """OREPA supplement Table 1's frequency prior as the official code fills it: channel i < O/2 along the height,
+    cos(pi (h + 0.5)(i + 1) / 3), the rest along the width with i + 1 - O/2."""
+    prior = torch.empty(o, 3, 3)
+    for i in range(o):
+        for h in range(3):
+            for w in range(3):
+                f, pos = (i + 1, h) if i < o / 2 else (i + 1 - o / 2, w)
+                prior[i, h, w] = math.cos(math.pi * (pos + 0.5) * f / 3)
+    return prior
+
+
+def _orepa_site_shapes(p, i, o, k, g=1, deploy=False, kind="orepa"):
+    """Key -> shape of one site (``kind``: orepa for the ResNets, rbr for OREPA-VGG's dense 3x3, convbn)."""
+    if deploy:
+        name = {"convbn": "conv", "rbr": "rbr_reparam"}.get(kind) or {1: "or1x1_reparam", 3: "orepa_reparam",
+                                                                      7: "or_large_reparam"}[k]
+        return {f"{p}.{name}.weight": (o, i // g, k, k), f"{p}.{name}.bias": (o,)}
+    if kind == "convbn":
+        return {f"{p}.conv.weight": (o, i // g, k, k)} | _bn_shapes(f"{p}.bn", o)
+    if k == 1:
+        t = i if o > i else o
+        return {f"{p}.weight_or1x1_origin": (o, i, 1, 1), f"{p}.weight_or1x1_l2i_conv1": (t, i, 1, 1),
+                f"{p}.weight_or1x1_l2i_conv2": (o, t, 1, 1), f"{p}.vector": (2, o)} | _bn_shapes(f"{p}.bn", o)
+    if k == 7:  # the deep stem
+        return {key: shape for n, (a, b) in enumerate(((i, o), (o, o), (o, o)))
+                for key, shape in _orepa_site_shapes(f"{p}.weight{n}", a, b, 3).items()
+                if ".bn." not in key} | _bn_shapes(f"{p}.bn", o)
+    w, t = f"{p}.weight_{kind}_", i if g <= 4 else 2 * i
+    shapes = {f"{w}origin": (o, i // g, 3, 3), f"{w}avg_conv": (o, i // g, 1, 1), f"{w}avg_avg": (3, 3),
+              f"{w}pfir_conv": (o, i // g, 1, 1), f"{w}prior": (o, 3, 3), f"{w}1x1_kxk_idconv1": (t, i // g, 1, 1),
+              f"{p}.id_tensor": (t, i // g, 1, 1), f"{w}1x1_kxk_conv2": (o, t // g, 3, 3),
+              f"{w}gconv_dw": (8 * i, 1, 3, 3), f"{w}gconv_pw": (o, 8 * i // g, 1, 1), f"{p}.vector": (6, o)}
+    if kind == "orepa":
+        shapes[f"{w}1x1"] = (o, i // g, 1, 1)
+    return shapes | _bn_shapes(f"{p}.bn", o)
+
+
+OREPA_RESNETS = {"resnet18": ("basic", (2, 2, 2, 2), 64, 1), "wrn18_2x": ("basic", (2, 2, 2, 2), 128, 1),
+                 "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), 64, 32)}
+
+
+def official_orepa_shapes(arch, deploy=False):
+    """An official OREPA ResNet / WideResNet / ResNeXt (``-t OREPA``) or OREPA-VGG A0 (``-t OREPA_VGG``) file."""
+    if arch == "repvgg_a0":
+        shapes = {}
+        for p, cin, cout, stride in repvgg_blocks():
+            shapes |= _orepa_site_shapes(f"{p}.rbr_dense", cin, cout, 3, deploy=deploy, kind="rbr")
+            if deploy:
+                shapes = {k.replace("rbr_dense.rbr_reparam", "rbr_reparam"): v for k, v in shapes.items()}
+                continue
+            if cin != cout or stride != 1:
+                shapes[f"{p}.rbr_dense.vector"] = (5, cout)  # the sixth row only where the block has an identity
+            shapes |= _orepa_site_shapes(f"{p}.rbr_1x1", cin, cout, 1, kind="convbn") | (
+                _bn_shapes(f"{p}.rbr_identity", cin) if cin == cout and stride == 1 else {})
+        return shapes | {"linear.weight": (CLASSES, A0[-1][1]), "linear.bias": (CLASSES,)}
+    block, depths, width, g = OREPA_RESNETS[arch]
+    shapes, cin = _orepa_site_shapes("stage0.conv1", 3, width, 7, deploy=deploy), width
+    for s, depth in enumerate(depths, 1):
+        planes = width * 2 ** (s - 1)
+        for j in range(depth):
+            p, stride = f"stage{s}.{j}", 2 if j == 0 and s > 1 else 1
+            if block == "basic":
+                out = planes
+                sites = [("conv1", cin, planes, 3, 1), ("conv2", planes, planes, 3, 1)]
+            else:
+                mid, out = 2 * planes, 4 * planes  # ResNeXt-50 32x4d: D = 32 x int(planes x 4 / 64)
+                sites = [("conv1", cin, mid, 1, 1), ("conv2", mid, mid, 3, g), ("conv3", mid, out, 1, 1)]
+            if stride != 1 or cin != out:
+                sites.append(("shortcut", cin, out, 1, 1))
+            for name, a, b, k, groups in sites:
+                kind = "convbn" if name == "shortcut" and block == "basic" else "orepa"
+                shapes |= _orepa_site_shapes(f"{p}.{name}", a, b, k, groups, deploy, kind)
+            cin = out
+    return shapes | {"linear.weight": (CLASSES, cin), "linear.bias": (CLASSES,)}
+
+
+def official_orepa_state(arch, deploy=False):
+    """Random tensors in those shapes; the fixed buffers as the official code fills them."""
+    state = random_state(official_orepa_shapes(arch, deploy))
+    for key, value in state.items():
+        if key.endswith("id_tensor"):
+            identity = torch.zeros_like(value)
+            identity[torch.arange(value.shape[0]), torch.arange(value.shape[0]) % value.shape[1]] = 1
+            state[key] = identity
+        elif key.endswith("_avg_avg"):
+            state[key] = torch.full((3, 3), 1 / 9)
+        elif key.endswith("_prior"):
+            state[key] = _prior(value.shape[0])
+    return state
+
+
+def official_orepa_kernel(state, p, groups=1):
+    """One site's kernel by the paper's formulas on the file's tensors (before its BN): sum over branches of
+    vector[b] * W_b, W_avg = 1x1 (x) avg, W_prior = 1x1 (x) prior, W_1x1-kxk = (idconv1 + id) composed with conv2 per
+    group, W_1x1 centred, W_dw-pw with the pointwise rows in the official order (row within group, then group)."""
+    w = f"{p}.weight_orepa_" if f"{p}.weight_orepa_origin" in state else f"{p}.weight_rbr_"
+    if f"{p}.weight_or1x1_origin" in state:  # Rep-1x1
+        v = state[f"{p}.vector"]
+        l2i = torch.einsum("ti,ot->oi", state[f"{p}.weight_or1x1_l2i_conv1"][..., 0, 0],
+                           state[f"{p}.weight_or1x1_l2i_conv2"][..., 0, 0])
+        return v[0].view(-1, 1, 1, 1) * state[f"{p}.weight_or1x1_origin"] + v[1].view(-1, 1, 1, 1) * l2i[..., None, None]
+    v = state[f"{p}.vector"]
+    origin = state[f"{w}origin"]
+    o, ig = origin.shape[:2]
+    avg = state[f"{w}avg_conv"] * state[f"{w}avg_avg"]
+    prior = state[f"{w}pfir_conv"] * state[f"{w}prior"].unsqueeze(1)
+    first = (state[f"{w}1x1_kxk_idconv1"] + state[f"{p}.id_tensor"])[..., 0, 0]          # (T, I/g)
+    second = state[f"{w}1x1_kxk_conv2"]                                                   # (O, T/g, 3, 3)
+    one_kxk = torch.einsum("gti,gothw->goihw", first.view(groups, -1, ig),
+                           second.view(groups, o // groups, -1, 3, 3)).reshape(o, ig, 3, 3)
+    dw, pw = state[f"{w}gconv_dw"], state[f"{w}gconv_pw"][..., 0, 0]                     # (8I, 1, 3, 3), (O, 8I/g)
+    dws = torch.einsum("cithw,ocit->coihw", dw.view(groups, ig, 8, 3, 3),
+                       pw.view(o // groups, groups, ig, 8)).reshape(o, ig, 3, 3)
+    terms = [origin, avg, prior, one_kxk]
+    if f"{w}1x1" in state:
+        terms.append(F.pad(state[f"{w}1x1"], [1, 1, 1, 1]))
+    terms.append(dws)
+    return sum(v[b].view(-1, 1, 1, 1) * term for b, term in enumerate(terms))
+
+
+def official_orepa_site(state, p, x, stride, groups=1):
+    """One site's output: a deployed conv, a ConvBN, the stem (three kernels composed as the official code does:
+    each next kernel correlated with the composition so far, no flip), or BN(conv(x, kernel))."""
+    for name in ("orepa_reparam", "or1x1_reparam", "or_large_reparam", "rbr_reparam", "conv"):
+        if f"{p}.{name}.bias" in state:
+            w = state[f"{p}.{name}.weight"]
+            return F.conv2d(x, w, state[f"{p}.{name}.bias"], stride, w.shape[-1] // 2, 1, groups)
+    if f"{p}.conv.weight" in state:
+        return _bn(state, f"{p}.bn", F.conv2d(x, state[f"{p}.conv.weight"], None, stride, 0, 1, groups))
+    if f"{p}.weight0.vector" in state:
+        kernel = official_orepa_kernel(state, f"{p}.weight0").transpose(0, 1)
+        for n in (1, 2):
+            kernel = F.conv2d(kernel, official_orepa_kernel(state, f"{p}.weight{n}"), padding=2)
+        return _bn(state, f"{p}.bn", F.conv2d(x, kernel.transpose(0, 1), None, stride, 3))
+    kernel = official_orepa_kernel(state, p, groups)
+    return _bn(state, f"{p}.bn", F.conv2d(x, kernel, None, stride, kernel.shape[-1] // 2, 1, groups))
+
+
+def official_orepa_forward(state, arch, x):
+    if arch == "repvgg_a0":
+        for p, cin, cout, stride in repvgg_blocks():
+            if f"{p}.rbr_reparam.weight" in state:
+                x = F.relu(official_orepa_site(state, p, x, stride))
+                continue
+            y = official_orepa_site(state, f"{p}.rbr_dense", x, stride) + official_orepa_site(
+                state, f"{p}.rbr_1x1", x, stride)
+            x = F.relu(y + _bn(state, f"{p}.rbr_identity", x) if f"{p}.rbr_identity.weight" in state else y)
+        return F.linear(x.mean((2, 3)), state["linear.weight"], state["linear.bias"])
+    block, depths, _, g = OREPA_RESNETS[arch]
+    x = F.max_pool2d(F.relu(official_orepa_site(state, "stage0.conv1", x, 2)), 3, 2, 1)
+    for s, depth in enumerate(depths, 1):
+        for j in range(depth):
+            p, stride = f"stage{s}.{j}", 2 if j == 0 and s > 1 else 1
+            shortcut = official_orepa_site(state, f"{p}.shortcut", x, stride) if any(
+                k.startswith(f"{p}.shortcut.") for k in state) else x
+            if block == "basic":
+                y = official_orepa_site(state, f"{p}.conv1", x, stride)
+                y = official_orepa_site(state, f"{p}.conv2", F.relu(y), 1)
+            else:
+                y = F.relu(official_orepa_site(state, f"{p}.conv1", x, 1))
+                y = F.relu(official_orepa_site(state, f"{p}.conv2", y, stride, g))
+                y = official_orepa_site(state, f"{p}.conv3", y, 1)
+            x = F.relu(y + shortcut)
+    return F.linear(x.mean((2, 3)), state["linear.weight"], state["linear.bias"])
+
+
+@pytest.mark.parametrize("arch,rep,deploy", [("resnet18", "orepa", False), ("resnext50_32x4d", "orepa", False),
+                                             ("wrn18_2x", "orepa", True), ("repvgg_a0", "orepa_vgg", False),
+                                             ("repvgg_a0", "orepa_vgg", True), ("resnet18", "dbb", False)])
+def test_orepa_official_files_load_exactly(tmp_path, arch, rep, deploy):
+    """OREPA files in the official layout (ResNet-18 and ResNeXt-50 trained, WideResNet-18 (2x) converted, OREPA-VGG
+    A0 both, and the repo's DBB ResNet-18, which reads as the DBB repo's): the loaded model's eval output equals the
+    official forward from the file's tensors (1e-5 relative, float32). It holds only through the two transforms:
+    the stem's second and third kernels load rotated (the official composition correlates instead of composing) and
+    ResNeXt's dw-pw rows load permuted; the file's fixed buffers (identity, avg, prior) are checked, not loaded."""
+    state = random_state(official_dbb_shapes("dbb", arch)) if rep == "dbb" else official_orepa_state(arch, deploy)
+    torch.save({"state_dict": state}, tmp_path / "official.pth")
+    model = from_official(tmp_path / "official.pth", arch, rep, "orepa")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x)
+        reference = (official_dbb_forward if rep == "dbb" else official_orepa_forward)(state, arch, x)
+    assert float((out - reference).norm() / reference.norm()) <= 1e-5
