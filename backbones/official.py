@@ -11,8 +11,8 @@ Sources: ``orepa`` (JUGGHM/OREPA_CVPR2022: ResNet / WideResNet / ResNeXt with OR
 and OREPA-VGG; two tensors need more than a new name, see :func:`_orepa_tensor`), ``repvgg`` (DingXiaoH/RepVGG:
 ``RepVGGBlock`` training files, and files converted to the deploy form by the repo's own tool), ``dbb``
 (DingXiaoH/DiverseBranchBlock: DBB and ACB ResNets, DBB MobileNetV1, training and deploy files, both BNAndPad layouts)
-and ``repopt`` (DingXiaoH/RepOptimizers: RepOpt-VGG targets, conv + BN + ReLU per layer; the repo converts none, a
-fused file — biased convs, no BN — loads deployed).
+and ``repopt`` (DingXiaoH/RepOptimizers: RepOpt-VGG targets, conv + BN + ReLU per layer — the repo converts none, a
+fused file, biased convs and no BN, loads deployed — and its Hyper-Search / CSLA and RepVGG-baseline models).
 """
 
 from __future__ import annotations
@@ -71,16 +71,21 @@ def _vgg_site(key: str) -> tuple[str, str] | None:
     return prefix, found.groups()[-1]
 
 
-def _repvgg_key(key: str, arch: str, rep: str, target: dict, form: str) -> str | None:
+def _vgg_key(key: str, parts: tuple[tuple[str, str], ...]) -> str | None:
+    """A VGG-style file's key renamed by the first of ``parts`` (pattern, replacement) its block's rest matches."""
     if key.startswith("linear."):
         return "fc." + key[len("linear."):]
     if (site := _vgg_site(key)) is None:
         return None
     prefix, rest = site
-    for pattern, replacement in _REPVGG_PARTS:
+    for pattern, replacement in parts:
         if re.match(pattern, rest):
             return prefix + re.sub(pattern, replacement, rest, count=1)
     return None
+
+
+def _repvgg_key(key: str, arch: str, rep: str, target: dict, form: str) -> str | None:
+    return _vgg_key(key, _REPVGG_PARTS)
 
 
 # -- DBB / ACB (DingXiaoH/DiverseBranchBlock): only 3x3 convs become blocks, 1x1 and 7x7 stay ConvBN ---------------------
@@ -142,20 +147,27 @@ def _dbb_key(key: str, arch: str, rep: str, target: dict, form: str) -> str | No
     return None
 
 
-# -- RepOpt-VGG targets (DingXiaoH/RepOptimizers, ``RealVGGBlock``): ``stage0`` (our ``stem``), ``stage{s}.{j}`` (ours
-# ``stage{s}.{2j}``), each ``conv`` (no bias) + ``bn``; ``linear``. Our targets also hold the RepOptimizer's constants
-# (``scale_conv``, ``scale_1x1``, ``identity_in_mult``: buffers for the Grad Mults, not used by the forward), which
-# no official file has: the model keeps its own. Files with the post-SE blocks (``post_se``) are not mapped.
+# -- RepOptimizers (DingXiaoH/RepOptimizers, ``RepOptVGG(mode)``): ``stage0`` (our ``stem``), ``stage{s}.{j}`` (ours
+# ``stage{s}.{2j}``), ``linear``. Per block: the target (``RealVGGBlock``, our rep ``repopt``) ``conv`` (no bias) +
+# ``bn``; the Hyper-Search / CSLA model (``LinearAddBlock``, our ``hs`` / ``csla``) ``conv``, ``conv_1x1``,
+# ``scale_conv.weight``, ``scale_1x1.weight``, ``scale_identity.weight`` (ScaleLayers: our ``scale_*`` tensors) and
+# one ``bn``; the baseline (its ``RepVGGBlock``, our ``repvgg``) ``conv_3x3`` / ``bn_3x3``, ``conv_1x1`` / ``bn_1x1``,
+# ``bn_identity``. Deploy (the baseline's, or a fused target): ``conv`` with a bias. Our targets also hold the
+# RepOptimizer's constants (``scale_conv``, ``scale_1x1``, ``identity_in_mult``: buffers for the Grad Mults, not used
+# by the forward), which no target file has: the model keeps its own. Files with post-SE blocks are not mapped.
+_REPOPT_PARTS = {
+    "repopt": ((r"conv\.weight$", "conv.weight"), (r"bn\.", "bn.")),
+    "hs": ((r"scale_(conv|1x1|identity)\.weight$", r"scale_\1"), (r"(conv|conv_1x1)\.weight$", r"\1.weight"),
+           (r"bn\.", "bn.")),
+    "repvgg": ((r"conv_3x3\.weight$", "branches.origin.weight"), (r"bn_3x3\.", "norms.origin."),
+               (r"conv_1x1\.weight$", "branches.1x1.weight"), (r"bn_1x1\.", "norms.1x1."),
+               (r"bn_identity\.", "norms.identity.")),
+}
+_REPOPT_PARTS |= {"none": _REPOPT_PARTS["repopt"], "csla": _REPOPT_PARTS["hs"]}  # a plain conv + BN net reads as a target
+
+
 def _repopt_key(key: str, arch: str, rep: str, target: dict, form: str) -> str | None:
-    if key.startswith("linear."):
-        return "fc." + key[len("linear."):]
-    if (site := _vgg_site(key)) is None:
-        return None
-    prefix, rest = site
-    if form == "deploy":
-        found = re.match(r"conv\.(weight|bias)$", rest)
-        return prefix + found.group(1) if found else None
-    return prefix + rest if re.match(r"(conv\.weight|bn\.\w+)$", rest) else None
+    return _vgg_key(key, ((r"conv\.(weight|bias)$", r"\1"),) if form == "deploy" else _REPOPT_PARTS.get(rep, ()))
 
 
 # -- OREPA (JUGGHM/OREPA_CVPR2022) ------------------------------------------------------------------------------------
@@ -279,7 +291,7 @@ TENSORS = {"orepa": _orepa_tensor}  # a source whose tensors need more than a ne
 DEPLOY_MARKERS = {"repvgg": ("rbr_reparam.",), "dbb": ("dbb_reparam.", "fused_conv."), "repopt": ("conv.bias",),
                   "orepa": ("orepa_reparam.", "or1x1_reparam.", "or_large_reparam.", "rbr_reparam.", "dbb_reparam.",
                             "conv.bias")}
-MODEL_ONLY = {"repopt": ("scale_conv", "scale_1x1", "identity_in_mult")}  # ours, never in a file: the model's own
+MODEL_ONLY = {("repopt", "repopt"): ("scale_conv", "scale_1x1", "identity_in_mult")}  # (source, rep): never in a file
 
 
 def official_form(state: dict, source: str) -> str:
@@ -314,7 +326,7 @@ def map_official(state: dict[str, Tensor], source: str, target: dict[str, Tensor
     if mismatched:
         raise OfficialError(f"{len(mismatched)} tensor(s) differ in shape (another architecture?): "
                             + "; ".join(mismatched[:2]) + ("; ..." if len(mismatched) > 2 else ""))
-    own = ("num_batches_tracked", *MODEL_ONLY.get(source, ()))
+    own = ("num_batches_tracked", *MODEL_ONLY.get((source, rep), ()))
     missing = [k for k in target if k not in mapped and not k.endswith(own)]
     if missing:
         raise OfficialError(f"{len(missing)} parameter(s) of the model are not in the file (truncated, or another "

@@ -367,39 +367,68 @@ def test_dbb_official_files_load_exactly(tmp_path, arch, rep, deploy):
     assert float((out - reference).norm() / reference.norm()) <= 1e-5
 
 
-# -- RepOpt-VGG targets (DingXiaoH/RepOptimizers, RealVGGBlock): stage0 and stage{s}.{j}, each conv.weight (no bias) +
-# bn.*, then ReLU; linear. The layout is the same at every size: RepVGG-A0's widths keep the test small.
-def official_repopt_state(deploy: bool, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for p, cin, cout, _ in repvgg_blocks():
-        state[f"{p}.conv.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (1.0 / (9 * cin)) ** 0.5
-        if deploy:
-            state[f"{p}.conv.bias"] = 0.1 * torch.randn(cout, generator=g)
+# -- RepOptimizers (DingXiaoH/RepOptimizers, RepOptVGG(mode)): stage0 and stage{s}.{j}; linear. Per block: the target
+# (RealVGGBlock) conv.weight (no bias) + bn.*, fused: conv.weight + conv.bias; the Hyper-Search model (LinearAddBlock)
+# conv.weight, conv_1x1.weight, scale_conv.weight / scale_1x1.weight (O,), scale_identity.weight (O,) where in == out
+# and stride 1, bn.*; the baseline (its RepVGGBlock) conv_3x3 / bn_3x3, conv_1x1 / bn_1x1, bn_identity. The layout is
+# the same at every size: RepVGG-A0's widths keep the test small.
+def official_repopt_state(mode: str, deploy: bool = False) -> dict:
+    shapes = {}
+    for p, cin, cout, stride in repvgg_blocks():
+        identity = cin == cout and stride == 1
+        if mode == "target" or deploy:
+            shapes |= {f"{p}.conv.weight": (cout, cin, 3, 3)} | (
+                {f"{p}.conv.bias": (cout,)} if deploy else _bn_shapes(f"{p}.bn", cout))
+        elif mode == "hs":
+            shapes |= {f"{p}.conv.weight": (cout, cin, 3, 3), f"{p}.conv_1x1.weight": (cout, cin, 1, 1),
+                       f"{p}.scale_conv.weight": (cout,), f"{p}.scale_1x1.weight": (cout,),
+                       **({f"{p}.scale_identity.weight": (cout,)} if identity else {}), **_bn_shapes(f"{p}.bn", cout)}
         else:
-            state |= {f"{p}.bn.weight": 0.5 + torch.rand(cout, generator=g), f"{p}.bn.bias": 0.2 * torch.randn(
-                cout, generator=g), f"{p}.bn.running_mean": 0.2 * torch.randn(cout, generator=g),
-                f"{p}.bn.running_var": 0.5 + torch.rand(cout, generator=g), f"{p}.bn.num_batches_tracked": torch.tensor(3)}
-    return state | {"linear.weight": torch.randn(CLASSES, A0[-1][1], generator=g) / 10,
-                    "linear.bias": torch.randn(CLASSES, generator=g) / 10}
+            shapes |= {f"{p}.conv_3x3.weight": (cout, cin, 3, 3), **_bn_shapes(f"{p}.bn_3x3", cout),
+                       f"{p}.conv_1x1.weight": (cout, cin, 1, 1), **_bn_shapes(f"{p}.bn_1x1", cout),
+                       **(_bn_shapes(f"{p}.bn_identity", cout) if identity else {})}
+    return random_state(shapes | {"linear.weight": (CLASSES, A0[-1][1]), "linear.bias": (CLASSES,)})
 
 
-@pytest.mark.parametrize("deploy", [False, True], ids=["train", "fused"])
-def test_repopt_official_files_load_exactly(tmp_path, deploy):
-    """A RepOpt-VGG target file (conv + BN + ReLU per layer; or fused, biased convs): the output equals the official
-    forward from its tensors (1e-5 relative, float32); the model's own RepOptimizer constants stay its own."""
-    state = official_repopt_state(deploy)
-    torch.save({"model": state}, tmp_path / "official.pth")
-    model = from_official(tmp_path / "official.pth", "repvgg_a0", "repopt", "repopt")
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    ref = x
+def official_repopt_forward(state, x):
+    """Per block ReLU(BN(conv(x))), ReLU(BN(s_conv conv3x3(x) + s_1x1 conv1x1(x) + s_id x)) or ReLU(BN(conv3x3(x)) +
+    BN(conv1x1(x)) + BN(x)), from the file's tensors."""
+    def scaled(name, y):
+        return y * state[f"{p}.{name}.weight"].view(1, -1, 1, 1)
+
     for p, _, _, stride in repvgg_blocks():
-        ref = F.conv2d(ref, state[f"{p}.conv.weight"], state.get(f"{p}.conv.bias"), stride, 1)
-        ref = F.relu(ref if deploy else F.batch_norm(ref, state[f"{p}.bn.running_mean"], state[f"{p}.bn.running_var"],
-                                                     state[f"{p}.bn.weight"], state[f"{p}.bn.bias"], False, 0.0, 1e-5))
-    ref = F.linear(ref.mean((2, 3)), state["linear.weight"], state["linear.bias"])
+        if f"{p}.conv_3x3.weight" in state:
+            y = _bn(state, f"{p}.bn_3x3", F.conv2d(x, state[f"{p}.conv_3x3.weight"], None, stride, 1)) + _bn(
+                state, f"{p}.bn_1x1", F.conv2d(x, state[f"{p}.conv_1x1.weight"], None, stride, 0))
+            x = F.relu(y + _bn(state, f"{p}.bn_identity", x) if f"{p}.bn_identity.weight" in state else y)
+            continue
+        y = F.conv2d(x, state[f"{p}.conv.weight"], state.get(f"{p}.conv.bias"), stride, 1)
+        if f"{p}.scale_conv.weight" in state:
+            y = scaled("scale_conv", y) + scaled("scale_1x1", F.conv2d(x, state[f"{p}.conv_1x1.weight"], None,
+                                                                        stride, 0))
+            y = y + scaled("scale_identity", x) if f"{p}.scale_identity.weight" in state else y
+        x = F.relu(y if f"{p}.conv.bias" in state else _bn(state, f"{p}.bn", y))
+    return F.linear(x.mean((2, 3)), state["linear.weight"], state["linear.bias"])
+
+
+@pytest.mark.parametrize("mode,rep,deploy", [("target", "repopt", False), ("target", "repopt", True),
+                                             ("hs", "hs", False), ("repvgg", "repvgg", False)],
+                         ids=["target", "fused", "hyper-search", "repvgg-baseline"])
+def test_repopt_official_files_load_exactly(tmp_path, mode, rep, deploy):
+    """RepOptimizers files (a RepOpt-VGG target, fused or not; a Hyper-Search model with its trained scales; the
+    repo's RepVGG baseline): the output equals the official forward from the file's tensors (1e-5 relative,
+    float32); a target's own RepOptimizer constants stay its own, an HS file's scales are loaded."""
+    state = official_repopt_state(mode, deploy)
+    torch.save({"model": state}, tmp_path / "official.pth")
+    model = from_official(tmp_path / "official.pth", "repvgg_a0", rep, "repopt")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert float((model(x) - ref).norm() / ref.norm()) <= 1e-5
+        out, reference = model(x), official_repopt_forward(state, x)
+    assert float((out - reference).norm() / reference.norm()) <= 1e-5
+    if mode == "hs":
+        torch.save({k: v for k, v in state.items() if "scale_1x1" not in k}, tmp_path / "no-scales.pth")
+        with pytest.raises(OfficialError, match="not in the file"):  # an HS model's scales are its weights
+            from_official(tmp_path / "no-scales.pth", "repvgg_a0", rep, "repopt")
 
 
 # -- OREPA (JUGGHM/OREPA_CVPR2022) ----------------------------------------------------------------------------------
