@@ -791,8 +791,12 @@ def cmd_evaluate(argv, console: Console) -> int:
     from runners.data import resolve_data_root
 
     args = evaluate.parser().parse_args(argv)
-    if args.devices != 1:
-        raise BadInput("--devices: evaluation runs in one process here (--devices 1)")
+    if args.devices < 1:
+        raise BadInput("--devices must be >= 1")
+    if args.devices > 1:
+        import torch
+        if torch.cuda.is_available() and torch.cuda.device_count() < args.devices:
+            raise BadInput(f"--devices {args.devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     try:
         build_classifier(args.arch, args.rep, variant=args.variant, num_classes=2)
     except (KeyError, ValueError) as e:
@@ -807,7 +811,7 @@ def cmd_evaluate(argv, console: Console) -> int:
                        "(--images DIR, or --data-root with imagenet/val)")
     store, public_url, secret_env, artifacts = _single_store(args)
     job, table = evaluate.plan_job(args, images.resolve(), public_url, artifacts)
-    args.scale, args.devices = "paper", 1
+    args.scale = "paper"
     return _run_single("evaluate", job, table, store, secret_env, args, argv, console,
                        f"evaluate {job.spec.row_name} on {images}")
 

@@ -7,8 +7,9 @@ For each cell (batch x resolution) and each method (plain, DBB, OREPA online, OR
 probes and the comparison every suite uses (runners/probes.py, compare_costs): step time (median and IQR, the
 methods' steps interleaved in this one process) and peak training memory (capped children one after the other; an OOM
 is a result). It prints each method's ratio to the plain network (median of per-step ratios, interquartile interval),
-OREPA's extra memory as a fraction of DBB's, and how busy the machine was meanwhile. Numbers, not a pass/fail test;
-``--json`` keeps them.
+OREPA's extra memory as a fraction of DBB's, and how busy the machine was meanwhile. ``--isolated`` times each method
+alone in a fresh child process instead (as separate training scripts run; ratios of medians). Numbers, not a
+pass/fail test; ``--json`` keeps them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from rich.table import Table
 
 from backbones import build_classifier, deploy
 
-from .probes import CostSetting, Load, compare_costs, device_name, start_clean_fork_server
+from .probes import (CostSetting, Load, compare_costs, device_name, probe_train_time_isolated, ratio_of_medians,
+                     start_clean_fork_server)
 
 METHODS = {"none": ("none", None), "dbb": ("dbb", None), "orepa": ("orepa", None),
            "orepa offline_bn": ("orepa", "offline_bn"),
@@ -37,20 +39,33 @@ REGIMES = {"paper": (64, 224), "small": (16, 128)}
 
 
 def measure_cell(arch: str, batch: int, resolution: int, warmup: int, steps: int, cap_gb: float,
-                 device: str, methods: list[str]) -> tuple[dict, Load]:
+                 device: str, methods: list[str], isolated: bool = False) -> tuple[dict, Load]:
     """Every method at one cell, with the probes and the comparison every suite uses (probes.compare_costs): memory
-    in fresh children one after the other, training steps interleaved in this process, ratios to plain ``none``."""
+    in fresh children one after the other, training steps interleaved in this process, ratios to plain ``none``.
+    ``isolated``: each method's steps timed alone in a fresh child instead (one after the other, as separate
+    training scripts would run), ratios of medians."""
     factories = {name: functools.partial(build_classifier, arch, METHODS[name][0], 1000, METHODS[name][1])
                  for name in methods}
     setting = CostSetting(batch, resolution, 1000, device, warmup, steps, cap_gb)
-    results, load = compare_costs(factories, "none", setting, deploy, ("train_memory", "time_per_batch"))
+    probes = ("train_memory",) if isolated else ("train_memory", "time_per_batch")
+    results, load = compare_costs(factories, "none", setting, deploy, probes)
+    if isolated:  # the timing children are the fork server's: their CPU time is not told from other processes' here
+        load = Load(load_before=os.getloadavg()[0])
+        alone = {name: probe_train_time_isolated(factory, batch, resolution, 1000, device, warmup, steps, cap_gb)
+                 for name, factory in factories.items()
+                 if not next(m for m in results[name] if m.name == "train_memory").oom}
+        load.load_after = os.getloadavg()[0]
+        for name, measurement in alone.items():
+            results[name].append(measurement)
+            if "none" in alone:
+                results[name].append(ratio_of_medians("time_per_batch_ratio", measurement, alone["none"], "none"))
     cell = {}
     for name, measurements in results.items():
         m = {x.name: x for x in measurements}
         memory, timed = m["train_memory"], m["time_per_batch"]
         ratio = {key: m[key] for key in ("time_per_batch_ratio", "train_memory_ratio") if key in m}
         cell[name] = {"memory_gib": memory.value, "oom": memory.oom, "memory_method": memory.method,
-                      "memory_threads": memory.threads, "time_s": timed.value,
+                      "memory_threads": memory.threads, "time_s": timed.value, "time_method": timed.method,
                       "time_iqr_s": timed.extra.get("time_per_batch_iqr"),
                       "time_x": ratio["time_per_batch_ratio"].value if "time_per_batch_ratio" in ratio else None,
                       "time_x_q1": ratio["time_per_batch_ratio"].extra["time_per_batch_ratio_q1"]
@@ -88,6 +103,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--cap-gb", type=float, default=20.0, help="memory cap of each CPU memory probe")
+    parser.add_argument("--isolated", action="store_true",
+                        help="time each method alone in a fresh process (as separate training scripts), not "
+                             "interleaved in one")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
     try:
@@ -104,7 +122,7 @@ def main(argv=None) -> int:
         console.print(f"[bold]{args.arch} at {batch} x {resolution}x{resolution} on {device_name(device)}")
         methods = ["none"] + [m for m in args.methods if m != "none"]
         cell, load = measure_cell(args.arch, batch, resolution, args.warmup, args.steps, args.cap_gb, device,
-                                  methods)
+                                  methods, args.isolated)
         table = Table()
         for column in ("method", "time/step (s)", "IQR (s)", "x plain [IQR]", "peak memory (GiB)", "x plain"):
             table.add_column(column)
@@ -124,7 +142,8 @@ def main(argv=None) -> int:
                           f"{cell['repopt']['time_x']:.3f}x")
         console.print(("[yellow]warning: the machine was busy: " if load.busy else "machine: ") + load.describe())
         results.append({"arch": args.arch, "batch": batch, "resolution": resolution, "device": device_name(device),
-                        "threads": torch.get_num_threads(), "cell": cell, "orepa_extra_memory_over_dbb": extra,
+                        "threads": torch.get_num_threads(), "timing": "isolated" if args.isolated else "interleaved",
+                        "cell": cell, "orepa_extra_memory_over_dbb": extra,
                         "repopt_speedup_over_repvgg": speedup,
                         "load": {"before": load.load_before, "after": load.load_after,
                                  "other_cpu_share": load.other_share, "busy": load.busy}})

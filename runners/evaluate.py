@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="holds imagenet/val (default: $REPBENCH_DATA, else data/)")
     p.add_argument("--images", metavar="DIR", help="an ImageFolder of validation images instead of "
                                                    "<data-root>/imagenet/val (class folders sorted = label order)")
-    p.add_argument("--devices", type=int, default=1, metavar="N", help="evaluation processes (1: this one)")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="evaluation processes (DDP: each evaluates every N-th image, the counts are summed)")
     p.add_argument("--db", help="database URL (same precedence as runs)")
     p.add_argument("--artifacts", metavar="DIR", help="logs (same default as runs)")
     return p
@@ -73,7 +74,7 @@ def plan_job(args, images: Path, url: str, artifacts: str):
     c = {"table": KEY, "row": row.name, "scale": "paper", "seed": 0, **_model_of(row), "baseline": None,
          "published": {"source": args.source, "sha256": sha256_of(checkpoint), "file": checkpoint.name,
                        "resolution": RESOLUTION, "eval_crop": EVAL_CROP[args.source]},
-         "world_size": 1, "metrics": ["top1"], "code": code_fingerprint()}
+         "world_size": args.devices, "metrics": ["top1"], "code": code_fingerprint()}
     chash = config_hash({k: v for k, v in c.items() if k != "seed"})
     spec = RunSpec(run_key(KEY, row.name, "paper", 0, chash), KEY, row.name, "paper", 0, chash, c)
     return Job(spec, c, str(images), url, "local", artifacts_root=artifacts, pretrained_file=str(checkpoint)), \
@@ -89,10 +90,11 @@ def image_folder(images: Path, crop: float):
         transforms.Normalize(MEAN, STD)]))
 
 
-def execute(store, claim, job, device: str, log=print) -> None:
-    """Load the checkpoint (sha256 checked against the planned one), evaluate it, record top-1 and the file."""
+def execute(store, claim, job, device: str, dist=None, log=print) -> None:
+    """Load the checkpoint (sha256 checked against the planned one), evaluate it, record top-1 and the file. In a
+    process group (``dist``) every rank evaluates every world-th image and the counts are summed; rank 0 writes."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
 
     from backbones.deploy import form_of
     from backbones.official import from_official
@@ -105,19 +107,29 @@ def execute(store, claim, job, device: str, log=print) -> None:
     sha = sha256_of(path)
     if sha != p["sha256"]:
         raise RuntimeError(f"{path} changed since it was planned (sha256 {sha[:12]}, planned {p['sha256'][:12]})")
-    store.log_artifact(claim.run_id, "input_weights", str(path), path.stat().st_size, sha, 0, owner=claim.owner)
+    rank, world = (dist.rank, dist.world_size) if dist is not None and dist.distributed else (0, 1)
+    if rank == 0:
+        store.log_artifact(claim.run_id, "input_weights", str(path), path.stat().st_size, sha, 0, owner=claim.owner)
     variant = {k: v for k, v in c["variant"].items()} if c.get("variant") else None
     model = from_official(path, c["arch"], c["rep"], p["source"], variant=variant).to(device)
     data = image_folder(Path(job.data_root), p["eval_crop"])
     hits = total = 0
     with torch.inference_mode():
-        for x, y in DataLoader(data, batch_size=64, num_workers=min(4, torch.get_num_threads())):
+        for x, y in DataLoader(Subset(data, range(rank, len(data), world)), batch_size=64,
+                               num_workers=min(4, torch.get_num_threads())):
             hits += int((model(x.to(device)).argmax(1).cpu() == y).sum())
             total += len(y)
+    if world > 1:
+        counts = torch.tensor([hits, total], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(counts)
+        hits, total = (int(v) for v in counts.tolist())
+    if rank:
+        return
     log(f"{job.label}: top-1 {100 * hits / total:.2f}% on {total} images")
     store.log_metrics(claim.run_id, [MetricRecord(
         "top1", 100 * hits / total, "%", device=device_name(device), batch=64, resolution=RESOLUTION, dtype="float32",
         method=f"published weights ({p['source']}, {path.name}, sha256 {sha[:12]}) in their {form_of(model)} "
                f"form; top-1 on {total} images of "
-               f"{job.data_root}; Resize({round(RESOLUTION / p['eval_crop'])}) + CentreCrop({RESOLUTION}), the "
-               f"source's evaluation transform")], owner=claim.owner)
+               f"{job.data_root}" + (f" ({world} processes, each every {world}-th image)" if world > 1 else "")
+               + f"; Resize({round(RESOLUTION / p['eval_crop'])}) + CentreCrop({RESOLUTION}), the source's "
+               "evaluation transform")], owner=claim.owner)

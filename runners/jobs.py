@@ -384,7 +384,8 @@ def execute(job: Job, slurm_job_id: str | None = None) -> str:
                 from . import evaluate
                 if dist.is_main:
                     store.log_environment(run_id, environment(device), owner=claim.owner)
-                    evaluate.execute(store, claim, job, device)
+                evaluate.execute(store, claim, job, device, dist)
+                if dist.is_main:
                     store.finish_run(run_id, "finished", claim=claim, attempt_status="finished")
                 return "finished"
             recipe = Recipe.from_dict(c["recipe"])

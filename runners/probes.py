@@ -151,6 +151,42 @@ def probe_train_time_interleaved(models: dict[str, nn.Module], batch: int, resol
     return results
 
 
+def _time_alone(factory: "ModelFactory", batch: int, resolution: int, num_classes: int, device: str, warmup: int,
+                steps: int) -> list[float]:
+    return _interleaved({"model": _classification_step(factory, batch, resolution, num_classes, device)}, device,
+                        warmup, steps)["model"]
+
+
+def probe_train_time_isolated(factory: "ModelFactory", batch: int, resolution: int, num_classes: int,
+                              device: str = "cpu", warmup: int = 2, steps: int = 5, cap_gb: float = 16.0
+                              ) -> Measurement:
+    """One model's training step timed alone, as its own training script would run it: on CPU in a fresh child of
+    the clean fork server (all threads, under the memory cap), so that no other model's memory or allocator history
+    shares the process. Models timed this way are compared by :func:`ratio_of_medians`, not per step."""
+    if device.startswith("cuda"):
+        return probe_train_time(factory(), batch, resolution, num_classes, device, warmup, steps)
+    status, times, _, threads = run_capped(_time_alone, (factory, batch, resolution, num_classes, device, warmup,
+                                                         steps), int(cap_gb * GIB))
+    if status != "ok":
+        raise RuntimeError(f"isolated timing child: {status}: {times}")
+    q1, median, q3 = _quartiles(times)
+    return Measurement("time_per_batch", median, "s", f"median of {steps} timed fwd+bwd+SGD steps after {warmup} "
+                       f"warm-up, fixed batch, {threads} threads, alone in a fresh child process",
+                       extra={"time_per_batch_iqr": q3 - q1, "time_per_batch_q1": q1, "time_per_batch_q3": q3},
+                       batch=batch, resolution=resolution, threads=threads, samples=times)
+
+
+def ratio_of_medians(name: str, mine: Measurement, base: Measurement, baseline: str) -> Measurement:
+    """The ratio of two models timed each alone (:func:`probe_train_time_isolated`): median over median, with the
+    widest interval the two interquartile ranges allow (q1 / q3 .. q3 / q1)."""
+    m, b = mine.extra, base.extra
+    return Measurement(name, mine.value / base.value, "x", f"ratio of medians to {baseline}, each timed alone in its "
+                       "own process; interval from the two interquartile ranges stored beside it",
+                       extra={f"{name}_q1": m["time_per_batch_q1"] / b["time_per_batch_q3"],
+                              f"{name}_q3": m["time_per_batch_q3"] / b["time_per_batch_q1"]},
+                       batch=mine.batch, resolution=mine.resolution, threads=mine.threads)
+
+
 def paired_ratio(name: str, mine: Measurement, base: Measurement, baseline: str, invert: bool = False
                  ) -> Measurement:
     """The ratio of two models timed interleaved: the median of the per-step ratios (``invert``: base / mine, for a

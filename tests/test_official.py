@@ -187,6 +187,31 @@ def test_evaluate_stores_published_weights_and_the_report_shows_them(tmp_path):
     assert f"| {got['latency_int8_ratio'][0]:.3g}x |" in line
 
 
+def test_evaluate_on_two_processes_counts_every_image_once(tmp_path):
+    """``run_suite evaluate --devices 2``: two processes (DDP over gloo) each evaluate every other image of 5 and
+    sum their counts; the stored top-1 is the one computed here in one process on the same images."""
+    import sqlite3
+
+    from runners.evaluate import EVAL_CROP, image_folder
+
+    from test_cli import run_cli
+    images = tiny_image_folder(tmp_path / "val", classes=2, per_class=3)
+    next((images / "n00000001").iterdir()).unlink()  # 5 images: the shards are 3 and 2
+    torch.save(official_repvgg_state(True), tmp_path / "A0.pth")
+    db = tmp_path / "db.sqlite"
+    done = run_cli("evaluate", "--checkpoint", str(tmp_path / "A0.pth"), "--source", "repvgg", "--arch", "repvgg_a0",
+                   "--rep", "repvgg", "--images", str(images), "--devices", "2", "--db", f"sqlite:///{db}",
+                   "--artifacts", str(tmp_path / "art"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with sqlite3.connect(db) as c:
+        (top1, method), = c.execute("SELECT value, method FROM metrics WHERE name = 'top1'").fetchall()
+    model = from_official(tmp_path / "A0.pth", "repvgg_a0", "repvgg", "repvgg")
+    data = image_folder(images, EVAL_CROP["repvgg"])
+    with torch.no_grad():
+        hits = sum(int(model(x[None]).argmax(1)) == y for x, y in data)
+    assert top1 == pytest.approx(100 * hits / 5) and "on 5 images" in method and "2 processes" in method
+
+
 @pytest.mark.parametrize("case", ["wrong-arch", "truncated", "extra-key"])
 def test_evaluate_refuses_a_file_it_cannot_map_with_one_line(tmp_path, capsys, case):
     """Another architecture's file, a truncated file, a file with an extra key: one line, exit 2, no database."""

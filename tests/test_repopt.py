@@ -342,18 +342,28 @@ def randomize_scales(model):
     return model
 
 
-def test_cost_benchmark_compares_repopt_with_repvgg_and_the_plain_target(tmp_path):
+@pytest.mark.parametrize("timing", ["interleaved", "isolated"])
+def test_cost_benchmark_compares_repopt_with_repvgg_and_the_plain_target(tmp_path, timing):
+    """RepOpt-VGG beside RepVGG and the plain target: steps interleaved in one process (paired ratios), or
+    ``--isolated``: each model timed alone in a fresh child, as separate training scripts would run (ratios of
+    medians, with the interval the two interquartile ranges allow)."""
     import json
     import subprocess
     import sys
     out = tmp_path / "cost.json"
     done = subprocess.run([sys.executable, "-m", "runners.cost_benchmark", "--arch", "repvgg_a0", "--methods",
-                           "repvgg", "repopt", "--cell", "2x32", "--warmup", "1", "--steps", "2", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                           "repvgg", "repopt", "--cell", "2x32", "--warmup", "1", "--steps", "3", "--json", str(out)]
+                          + (["--isolated"] if timing == "isolated" else []), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     [cell] = json.loads(out.read_text())
     assert set(cell["cell"]) == {"none", "repvgg", "repopt"} and cell["repopt_speedup_over_repvgg"] > 0
-    assert "speed-up over RepVGG" in done.stdout
+    assert "speed-up over RepVGG" in done.stdout and cell["timing"] == timing
+    for name, m in cell["cell"].items():
+        assert ("alone in a fresh child process" in m["time_method"]) == (timing == "isolated")
+        assert m["time_x_q1"] <= m["time_x"] <= m["time_x_q3"] and (name != "none" or m["time_x"] == 1.0)
+    assert cell["repopt_speedup_over_repvgg"] == pytest.approx(cell["cell"]["repvgg"]["time_s"]
+                                                               / cell["cell"]["repopt"]["time_s"])
 
 
 def test_table4_constants():
