@@ -22,9 +22,11 @@ import sys
 
 import torch
 from rich.console import Console
+from torch import nn
 from rich.table import Table
 
 from backbones import build_classifier, deploy
+from backbones.networks import ARCHS
 
 from .probes import (CostSetting, Load, compare_costs, device_name, probe_train_time_isolated, ratio_of_medians,
                      start_clean_fork_server)
@@ -32,10 +34,47 @@ from .probes import (CostSetting, Load, compare_costs, device_name, probe_train_
 METHODS = {"none": ("none", None), "dbb": ("dbb", None), "orepa": ("orepa", None),
            "orepa offline_bn": ("orepa", "offline_bn"),
            # RepOptimizers (a RepVGG-layout arch, e.g. --arch repoptvgg_b1): the RepOpt target steps with its
-           # RepOptimizer, "none" (the same conv+BN net with plain SGD) is the baseline
-           "repvgg": ("repvgg", None), "repopt": ("repopt", None)}
+           # RepOptimizer, "none" (the same conv+BN net with plain SGD) is the baseline; "repvgg layout" is RepVGG
+           # written as the RepOptimizers repo's baseline block reads (below), beside ours
+           "repvgg": ("repvgg", None), "repopt": ("repopt", None), "repvgg layout": (None, None)}
 DEFAULT_METHODS = ["none", "dbb", "orepa", "orepa offline_bn"]
 REGIMES = {"paper": (64, 224), "small": (16, 128)}
+
+
+class LayoutBlock(nn.Module):
+    """The RepOptimizers repo's RepVGG baseline block as its layout reads (official-code notes Sec. 4.2), written here
+    for the benchmark only: BN(conv3x3(x)) + BN(conv1x1(x)) [+ BN(x) where in == out and stride 1], then a ReLU that
+    is not in place. It answers whether this suite's RepVGG (the same parameters; an in-place ReLU) trains at the
+    official structure's cost."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv_3x3, self.bn_3x3 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv_1x1, self.bn_1x1 = nn.Conv2d(cin, cout, 1, stride, 0, bias=False), nn.BatchNorm2d(cout)
+        self.bn_identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.bn_3x3(self.conv_3x3(x)) + self.bn_1x1(self.conv_1x1(x))
+        if self.bn_identity is not None:
+            out += self.bn_identity(x)
+        return self.relu(out)
+
+
+def layout_repvgg(arch: str, num_classes: int = 1000) -> nn.Module:
+    """``arch`` (a RepVGG-layout arch without groups) built of :class:`LayoutBlock`: stem, four stages, GAP, linear."""
+    spec = ARCHS[arch]
+    if spec.family != "repvgg" or spec.kwargs.get("override_groups"):
+        raise ValueError(f"'repvgg layout' needs a RepVGG-layout arch without groups, not {arch}")
+    layers, widths = spec.kwargs["layers"], spec.kwargs["widths"]
+    cin = min(64, int(64 * widths[0]))
+    blocks = [LayoutBlock(3, cin, 2)]
+    for i, n in enumerate(layers):
+        planes = int(64 * 2 ** i * widths[i]) if i < 3 else int(512 * widths[3])
+        for j in range(n):
+            blocks.append(LayoutBlock(cin, planes, 2 if j == 0 else 1))
+            cin = planes
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
 
 
 def measure_cell(arch: str, batch: int, resolution: int, warmup: int, steps: int, cap_gb: float,
@@ -44,7 +83,8 @@ def measure_cell(arch: str, batch: int, resolution: int, warmup: int, steps: int
     in fresh children one after the other, training steps interleaved in this process, ratios to plain ``none``.
     ``isolated``: each method's steps timed alone in a fresh child instead (one after the other, as separate
     training scripts would run), ratios of medians."""
-    factories = {name: functools.partial(build_classifier, arch, METHODS[name][0], 1000, METHODS[name][1])
+    factories = {name: functools.partial(layout_repvgg, arch) if name == "repvgg layout" else
+                 functools.partial(build_classifier, arch, METHODS[name][0], 1000, METHODS[name][1])
                  for name in methods}
     setting = CostSetting(batch, resolution, 1000, device, warmup, steps, cap_gb)
     probes = ("train_memory",) if isolated else ("train_memory", "time_per_batch")

@@ -351,13 +351,19 @@ def test_cost_benchmark_compares_repopt_with_repvgg_and_the_plain_target(tmp_pat
     import subprocess
     import sys
     out = tmp_path / "cost.json"
+    from backbones import build_classifier
+    from runners.cost_benchmark import layout_repvgg
+    methods = ["repvgg", "repopt"] + (["repvgg layout"] if timing == "interleaved" else [])
     done = subprocess.run([sys.executable, "-m", "runners.cost_benchmark", "--arch", "repvgg_a0", "--methods",
-                           "repvgg", "repopt", "--cell", "2x32", "--warmup", "1", "--steps", "3", "--json", str(out)]
+                           *methods, "--cell", "2x32", "--warmup", "1", "--steps", "3", "--json", str(out)]
                           + (["--isolated"] if timing == "isolated" else []), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     [cell] = json.loads(out.read_text())
-    assert set(cell["cell"]) == {"none", "repvgg", "repopt"} and cell["repopt_speedup_over_repvgg"] > 0
+    assert set(cell["cell"]) == {"none", *methods} and cell["repopt_speedup_over_repvgg"] > 0
+    # the official baseline's layout is this suite's RepVGG: the same parameters
+    assert sum(p.numel() for p in layout_repvgg("repvgg_a0").parameters()) == sum(
+        p.numel() for p in build_classifier("repvgg_a0", "repvgg").parameters())
     assert "speed-up over RepVGG" in done.stdout and cell["timing"] == timing
     for name, m in cell["cell"].items():
         assert ("alone in a fresh child process" in m["time_method"]) == (timing == "isolated")
