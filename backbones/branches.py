@@ -106,8 +106,10 @@ class Conv(Branch):
 
     def forward(self, x):
         g = self.geometry
-        x = F.pad(x, g.small_kernel_padding(self.kh, self.kw))
-        return F.conv2d(x, self.weight, None, g.stride, 0, g.dilation, g.groups)
+        pw, _, ph, _ = g.small_kernel_padding(self.kh, self.kw)
+        if min(ph, pw) >= 0:  # the conv pads by itself: no padded copy of the input is made (and kept for backward)
+            return F.conv2d(x, self.weight, None, g.stride, (ph, pw), g.dilation, g.groups)
+        return F.conv2d(F.pad(x, [pw, pw, ph, ph]), self.weight, None, g.stride, 0, g.dilation, g.groups)
 
     def kernel_bias(self):
         return self.scaled_kernel(None), None
