@@ -189,10 +189,8 @@ def _validated_run(args):
                 batch_plan(recipe, args.devices)
         except ValueError as e:
             raise BadInput(f"--devices {args.devices}: {table.key} at {args.scale}: {e}") from None
-    if args.devices > 1 and not args.dry_run:
-        import torch
-        if torch.cuda.is_available() and torch.cuda.device_count() < args.devices:
-            raise BadInput(f"--devices {args.devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if not args.dry_run:
+        _check_cuda_devices(args.devices)
     url = _checked_url(args.db, must_exist=False)
     site = None
     if args.executor == "slurm":
@@ -749,6 +747,14 @@ def cmd_finetune(argv, console: Console) -> int:
                        f"finetune {job.spec.row_name} at {args.scale}")
 
 
+def _check_cuda_devices(devices: int) -> None:
+    """More than one process on a CUDA machine needs as many devices (on CPU any count runs, over gloo)."""
+    if devices > 1:
+        import torch
+        if torch.cuda.is_available() and torch.cuda.device_count() < devices:
+            raise BadInput(f"--devices {devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def _single_store(args):
     """The store of a single-job command (``--db``, ``--artifacts``): (store, URL without password, the password's
     environment, artifacts root); a bad database is bad input."""
@@ -793,10 +799,7 @@ def cmd_evaluate(argv, console: Console) -> int:
     args = evaluate.parser().parse_args(argv)
     if args.devices < 1:
         raise BadInput("--devices must be >= 1")
-    if args.devices > 1:
-        import torch
-        if torch.cuda.is_available() and torch.cuda.device_count() < args.devices:
-            raise BadInput(f"--devices {args.devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    _check_cuda_devices(args.devices)
     try:
         build_classifier(args.arch, args.rep, variant=args.variant, num_classes=2)
     except (KeyError, ValueError) as e:

@@ -22,8 +22,8 @@ import sys
 
 import torch
 from rich.console import Console
-from torch import nn
 from rich.table import Table
+from torch import nn
 
 from backbones import build_classifier, deploy
 from backbones.networks import ARCHS
@@ -36,7 +36,7 @@ METHODS = {"none": ("none", None), "dbb": ("dbb", None), "orepa": ("orepa", None
            # RepOptimizers (a RepVGG-layout arch, e.g. --arch repoptvgg_b1): the RepOpt target steps with its
            # RepOptimizer, "none" (the same conv+BN net with plain SGD) is the baseline; "repvgg layout" is RepVGG
            # written as the RepOptimizers repo's baseline block reads (below), beside ours
-           "repvgg": ("repvgg", None), "repopt": ("repopt", None), "repvgg layout": (None, None)}
+           "repvgg": ("repvgg", None), "repopt": ("repopt", None), "repvgg layout": "layout"}
 DEFAULT_METHODS = ["none", "dbb", "orepa", "orepa offline_bn"]
 REGIMES = {"paper": (64, 224), "small": (16, 128)}
 
@@ -83,7 +83,7 @@ def measure_cell(arch: str, batch: int, resolution: int, warmup: int, steps: int
     in fresh children one after the other, training steps interleaved in this process, ratios to plain ``none``.
     ``isolated``: each method's steps timed alone in a fresh child instead (one after the other, as separate
     training scripts would run), ratios of medians."""
-    factories = {name: functools.partial(layout_repvgg, arch) if name == "repvgg layout" else
+    factories = {name: functools.partial(layout_repvgg, arch) if METHODS[name] == "layout" else
                  functools.partial(build_classifier, arch, METHODS[name][0], 1000, METHODS[name][1])
                  for name in methods}
     setting = CostSetting(batch, resolution, 1000, device, warmup, steps, cap_gb)
